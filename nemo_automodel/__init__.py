@@ -1,0 +1,1 @@
+"""Fine-tune any Hugging Face causal LM."""

@@ -1,0 +1,33 @@
+"""Run a recipe graph from the command line with one-line errors and honest exit codes."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from nemo_automodel.errors import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+
+
+def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ConfigError into ``error: <one line>`` on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+    return wrapper
+
+
+def run_graph(graph) -> Any:
+    """Build a `run.Partial`/`run.Config` graph and call it, under `guard`."""
+    import fiddle as fdl
+
+    return guard(lambda: fdl.build(graph)())()

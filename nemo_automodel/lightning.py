@@ -1,0 +1,15 @@
+"""The ``nl`` namespace of NeMo scripts: ``from nemo_automodel import lightning as nl``."""
+
+from nemo_automodel.trainer import (
+    PREEMPTED_EXIT_CODE,
+    AutoResume,
+    DDPStrategy,
+    FSDP2Strategy,
+    ModelCheckpoint,
+    NeMoLogger,
+    SingleDeviceStrategy,
+    Trainer,
+)
+
+__all__ = ["PREEMPTED_EXIT_CODE", "AutoResume", "DDPStrategy", "FSDP2Strategy", "ModelCheckpoint",
+           "NeMoLogger", "SingleDeviceStrategy", "Trainer"]

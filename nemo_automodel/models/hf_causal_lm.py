@@ -1,0 +1,142 @@
+"""`HFAutoModelForCausalLM`: any Hugging Face causal LM, loaded lazily by id or local folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.models.loss import masked_cross_entropy
+from nemo_automodel.models.tokenizer import TokenizerAdapter, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+ATTN_FALLBACKS = ("sdpa", "eager")
+
+
+def resolve_dtype(value: str | torch.dtype, field: str = "torch_dtype") -> torch.dtype:
+    """Map a dtype name (or a torch.dtype) to a torch.dtype, failing with one line otherwise."""
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise bad_value(field, value, f"use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _looks_local(model_id: str) -> bool:
+    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
+
+
+class HFAutoModelForCausalLM:
+    """A causal LM from the Hub or a local folder; nothing is read until `configure_model`.
+
+    Args:
+        model_id: Hub id (``org/name``) or a local folder with ``config.json``.
+        load_pretrained_weights: False builds a randomly initialised model from the config.
+        tokenizer: tokenizer id/folder if it differs from ``model_id``.
+        torch_dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
+        attn_implementation: asked-for attention kernel; falls back to sdpa, then eager, when
+            the architecture or machine does not support it.
+        trust_remote_code: run model code shipped with the checkpoint (off by default).
+        model_name: NeMo 25.02 spelling of ``model_id``.
+    """
+
+    def __init__(self, model_id: str | os.PathLike | None = None, load_pretrained_weights: bool = True,
+                 tokenizer: str | None = None, torch_dtype: str | torch.dtype = "float32",
+                 attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                 revision: str | None = None, model_name: str | None = None) -> None:
+        model_id = model_id or model_name
+        if isinstance(model_id, os.PathLike):
+            model_id = str(model_id)
+        if not model_id or not isinstance(model_id, str):
+            raise bad_value("model_id", model_id, "pass a Hugging Face model id or a local model folder")
+        self.model_id = model_id
+        self.load_pretrained_weights = load_pretrained_weights
+        self.tokenizer_id = tokenizer or model_id
+        self.dtype = resolve_dtype(torch_dtype)
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.revision = revision
+        self.model: torch.nn.Module | None = None
+        self._tokenizer = None
+
+    # -- loading -------------------------------------------------------------------------
+    @staticmethod
+    def configure_tokenizer(model_name: str, trust_remote_code: bool = False) -> TokenizerAdapter:
+        """NeMo-compatible: a tokenizer wrapper exposing ``.tokenizer``, ``text_to_ids``, ``eos_id``."""
+        return TokenizerAdapter(load_tokenizer(model_name, trust_remote_code=trust_remote_code))
+
+    @property
+    def tokenizer(self):
+        """The transformers tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_id, trust_remote_code=self.trust_remote_code,
+                                             revision=self.revision)
+        return self._tokenizer
+
+    def configure_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """Load (or randomly initialise) the model onto ``device``; idempotent."""
+        if self.model is None:
+            self.model = self._load().to(device)
+            self.model.config.use_cache = False
+        return self.model
+
+    def _load(self) -> torch.nn.Module:
+        import transformers
+
+        if _looks_local(self.model_id) and not (Path(self.model_id).expanduser() / "config.json").is_file():
+            raise ConfigError(f"model_id={self.model_id!r} is not a model folder (no config.json there): "
+                              "pass an existing local folder or a Hugging Face model id")
+        common = dict(trust_remote_code=self.trust_remote_code, revision=self.revision)
+        for attn in dict.fromkeys((self.attn_implementation, *ATTN_FALLBACKS)):
+            kwargs = dict(dtype=self.dtype, attn_implementation=attn)
+            try:
+                if self.load_pretrained_weights:
+                    model = transformers.AutoModelForCausalLM.from_pretrained(self.model_id, **common, **kwargs)
+                else:
+                    config = transformers.AutoConfig.from_pretrained(self.model_id, **common)
+                    model = transformers.AutoModelForCausalLM.from_config(
+                        config, trust_remote_code=self.trust_remote_code, **kwargs)
+            except (ValueError, ImportError) as err:
+                if "attn" not in str(err).lower() and "attention" not in str(err).lower():
+                    raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {_first_line(err)}") from err
+                log.warning("attn_implementation=%r unavailable for %s (%s); trying the next one",
+                            attn, self.model_id, _first_line(err))
+                continue
+            except OSError as err:
+                raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {_first_line(err)} "
+                                  "(check the id or folder; offline runs need a local folder or a cached model)") from err
+            if attn != self.attn_implementation:
+                log.warning("using attn_implementation=%r instead of %r", attn, self.attn_implementation)
+            return model
+        raise ConfigError(f"attn_implementation={self.attn_implementation!r}: no working attention kernel for {self.model_id}")
+
+    # -- training ------------------------------------------------------------------------
+    @staticmethod
+    def forward(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a batch (no KV cache, so packed position ids keep samples apart)."""
+        return module(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
+
+    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed masked cross-entropy of a micro-batch; the trainer divides by the step's token count."""
+        return masked_cross_entropy(self.forward(module, batch), batch["labels"], batch["loss_mask"])
+
+    # -- saving --------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> Path:
+        """Write HF format (safetensors + config + tokenizer with chat template), or a PEFT adapter."""
+        path = Path(path)
+        self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,68 @@
+"""Optimizer modules: an optimizer factory plus an LR schedule, built once the params exist."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from nemo_automodel.errors import bad_value
+
+
+class WarmupCosineSchedule:
+    """Linear warmup to the optimizer's LR, optional constant phase, cosine decay to ``min_lr``.
+
+    ``max_steps=None`` takes the trainer's max_steps.
+    """
+
+    def __init__(self, warmup_steps: int = 0, constant_steps: int = 0, min_lr: float = 0.0,
+                 max_steps: int | None = None) -> None:
+        if warmup_steps < 0 or constant_steps < 0:
+            raise bad_value("warmup_steps/constant_steps", (warmup_steps, constant_steps), "use values >= 0")
+        self.warmup_steps, self.constant_steps = warmup_steps, constant_steps
+        self.min_lr, self.max_steps = min_lr, max_steps
+
+    def build(self, optimizer: torch.optim.Optimizer, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        total = self.max_steps or max_steps
+        base = optimizer.param_groups[0]["lr"]
+        floor = self.min_lr / base if base else 0.0
+        decay_start = self.warmup_steps + self.constant_steps
+
+        def factor(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            if step < decay_start or total <= decay_start:
+                return 1.0
+            progress = min(1.0, (step - decay_start) / (total - decay_start))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class OptimizerModule:
+    """An optimizer factory (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-4)``) and a schedule.
+
+    ``build(params, max_steps)`` returns ``(optimizer, scheduler)``; with no schedule the LR is flat.
+    """
+
+    def __init__(self, optimizer_fn: Callable[..., torch.optim.Optimizer],
+                 lr_scheduler: WarmupCosineSchedule | None = None) -> None:
+        self.optimizer_fn = optimizer_fn
+        self.lr_scheduler = lr_scheduler
+
+    def build(self, params: Iterable[torch.nn.Parameter], max_steps: int):
+        params = list(params)
+        if not params:
+            raise bad_value("params", [], "the model has no trainable parameters (check peft/target_modules)")
+        optimizer = self.optimizer_fn(params)
+        if self.lr_scheduler is None:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        else:
+            scheduler = self.lr_scheduler.build(optimizer, max_steps)
+        return optimizer, scheduler
+
+    @property
+    def lr(self) -> float | None:
+        """The peak learning rate configured in the optimizer factory, if it names one."""
+        return getattr(self.optimizer_fn, "keywords", {}).get("lr")

@@ -1,0 +1,68 @@
+"""LoRA on any HF causal LM, built on the `peft` library (its layers and its adapter format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from nemo_automodel.errors import ConfigError, validated
+from nemo_automodel.peft.targets import resolve_target_modules
+
+DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+class LoRA:
+    """Low-rank adapters on the layers selected by ``target_modules``.
+
+    Args:
+        target_modules: wildcards, regexes, plain names or Megatron aliases (see peft.targets).
+        exclude_modules: same syntax; removed from the selection.
+        dim: adapter rank. alpha: scaling numerator (scale = alpha / dim).
+        dropout: dropout on the adapter path. dropout_position: ``pre`` (on the adapter input,
+            what peft implements); ``post`` is accepted only with dropout=0.
+    """
+
+    @validated
+    def __init__(self, target_modules: str | list[str] | tuple[str, ...] = DEFAULT_TARGETS,
+                 exclude_modules: list[str] | tuple[str, ...] = (), dim: Annotated[int, Field(ge=1)] = 8,
+                 alpha: Annotated[float, Field(gt=0)] = 32, dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+                 dropout_position: Literal["pre", "post"] = "pre") -> None:
+        if isinstance(target_modules, str):
+            target_modules = [target_modules]
+        if dropout_position == "post" and dropout > 0:
+            raise ConfigError("dropout_position='post' is not supported with dropout>0: peft applies "
+                              "LoRA dropout to the adapter input; use dropout_position='pre'")
+        self.target_modules = list(target_modules)
+        self.exclude_modules = list(exclude_modules)
+        self.dim, self.alpha, self.dropout = dim, alpha, dropout
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap ``model`` in a peft ``PeftModel`` with only the adapters trainable."""
+        from peft import LoraConfig, get_peft_model
+
+        names = resolve_target_modules(model, self.target_modules, self.exclude_modules)
+        config = LoraConfig(r=self.dim, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=names, bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Merge a saved PEFT adapter into its base model and write a plain HF model folder."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nemo_automodel.models.tokenizer import load_tokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter_dir={str(adapter_dir)!r} has no adapter_config.json: pass a hf_adapter/ folder")
+    base = base_model or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    load_tokenizer(str(tok_src)).save_pretrained(out_dir)
+    return out_dir

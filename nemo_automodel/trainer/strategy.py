@@ -1,0 +1,128 @@
+"""Parallel strategies over torch.distributed: single device, DDP and FSDP2 (gloo on CPU, nccl on GPU).
+
+A strategy owns the process group, the device and how the model is wrapped; the training loop
+only calls ``setup``, ``wrap``, ``all_reduce`` and ``teardown``. Multi-process runs are started
+by torchrun (or NeMo-Run / Slurm), which sets RANK, WORLD_SIZE and LOCAL_RANK.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from nemo_automodel.errors import bad_value
+
+
+class SingleDeviceStrategy:
+    """One process, one device (also the fallback when WORLD_SIZE is 1)."""
+
+    name = "single"
+
+    def __init__(self) -> None:
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.device = torch.device("cpu")
+
+    def setup(self, accelerator: str = "auto") -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        if accelerator in ("gpu", "cuda") and not use_cuda:
+            raise bad_value("accelerator", accelerator, "CUDA is not available here; use 'cpu' or 'auto'")
+        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, module: torch.nn.Module, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
+        return module
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks (in place) and return it."""
+        if self.is_distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DDPStrategy(SingleDeviceStrategy):
+    """Data parallel: every rank holds the full model; gradients are averaged by DDP."""
+
+    name = "ddp"
+
+    def wrap(self, module, mixed_precision=None):
+        if not self.is_distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+
+class FSDP2Strategy(SingleDeviceStrategy):
+    """Fully sharded data parallel (``fully_shard``) per transformer block and on the root.
+
+    Applied after LoRA, so only adapters are trainable. ``data_parallel_size`` defaults to the
+    world size; ``mixed_precision`` (from the trainer's precision) sets the FSDP param dtype.
+    """
+
+    name = "fsdp2"
+
+    def __init__(self, data_parallel_size: int | None = None, reshard_after_forward: bool = True) -> None:
+        super().__init__()
+        self.data_parallel_size = data_parallel_size
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup(self, accelerator: str = "auto") -> None:
+        super().setup(accelerator)
+        if self.data_parallel_size not in (None, self.world_size):
+            raise bad_value("data_parallel_size", self.data_parallel_size,
+                            f"must equal the number of processes ({self.world_size}) until TP/CP land")
+
+    def wrap(self, module, mixed_precision=None):
+        if not self.is_distributed:
+            return module
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs = {"reshard_after_forward": self.reshard_after_forward}
+        if mixed_precision is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+        for block in transformer_blocks(module):
+            fully_shard(block, **kwargs)
+        fully_shard(module, **kwargs)
+        return module
+
+
+def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder layers: classes the HF model lists as ``_no_split_modules``."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in module.modules() if type(m).__name__ in names]
+
+
+STRATEGIES = {None: SingleDeviceStrategy, "auto": SingleDeviceStrategy, "single": SingleDeviceStrategy,
+              "ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp": FSDP2Strategy}
+
+
+def resolve_strategy(strategy) -> SingleDeviceStrategy:
+    """Turn ``None | 'auto' | 'ddp' | 'fsdp2'`` or a strategy object into a strategy object."""
+    if isinstance(strategy, SingleDeviceStrategy):
+        return strategy
+    key = strategy.lower() if isinstance(strategy, str) else strategy
+    if key not in STRATEGIES:
+        raise bad_value("strategy", strategy, "use None, 'ddp', 'fsdp2' or an FSDP2Strategy(...)")
+    return STRATEGIES[key]()

