@@ -20,7 +20,8 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
+            # Fiddle appends its build context on later lines; the cause is the first line.
+            print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
             raise SystemExit(EXIT_CONFIG_ERROR) from None
 
     return wrapper

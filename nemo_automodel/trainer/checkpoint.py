@@ -164,8 +164,9 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "state"))
+    # strict=False: frozen base weights are not in the checkpoint, they come from the pretrained model
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options())
+                   options=_options(strict=False))
     own = path / f"trainer-rank{strategy.rank}.pt"
     trainer_state = torch.load(own if own.is_file() else path / "trainer-rank0.pt", weights_only=False)
     scheduler.load_state_dict(trainer_state["scheduler"])

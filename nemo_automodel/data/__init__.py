@@ -1,0 +1,33 @@
+"""Data layer: load any ``datasets`` source, format it (SQuAD, chat, text or pre-tokenized),
+pack it, and serve deterministic, resumable, data-parallel micro-batches.
+
+Batches are dicts of CPU tensors right-padded to the longest row: ``input_ids``, ``labels``
+(already shifted), ``loss_mask`` (float32) and ``position_ids`` (restarting per packed sample).
+"""
+
+from nemo_automodel.data.collate import BATCH_KEYS, collate
+from nemo_automodel.data.datamodule import ChatHFDataModule, HFDatasetDataModule, SquadHFDataModule
+from nemo_automodel.data.formatting import FORMATTINGS, chat_tokens
+from nemo_automodel.data.loading import SPLIT_ALIASES
+from nemo_automodel.data.packing import first_fit_decreasing, pack_sequences, packed_position_ids
+from nemo_automodel.data.rows import Rows, SampleStore
+from nemo_automodel.data.sampler import MicroBatchSampler, epoch_order, rank_batches
+
+__all__ = [
+    "BATCH_KEYS",
+    "FORMATTINGS",
+    "SPLIT_ALIASES",
+    "ChatHFDataModule",
+    "HFDatasetDataModule",
+    "MicroBatchSampler",
+    "Rows",
+    "SampleStore",
+    "SquadHFDataModule",
+    "chat_tokens",
+    "collate",
+    "epoch_order",
+    "first_fit_decreasing",
+    "pack_sequences",
+    "packed_position_ids",
+    "rank_batches",
+]

@@ -1,0 +1,298 @@
+"""``HFDatasetDataModule``: lazy, NeMo-compatible data for causal-LM fine-tuning.
+
+The constructor only records and checks its arguments (it sits in a Fiddle graph built far from
+the data); ``setup(tokenizer, dp_rank, dp_size)`` loads, maps, formats, filters and packs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from nemo_automodel.data.collate import collate
+from nemo_automodel.data.formatting import Formatting, check_columns, check_formatting, make_formatter
+from nemo_automodel.data.loading import load_split, open_local, parse_split
+from nemo_automodel.data.rows import Rows, SampleStore
+from nemo_automodel.data.sampler import MicroBatchSampler, rank_batches
+from nemo_automodel.errors import ConfigError, bad_value
+
+logger = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
+# NeMo's HFDatasetDataModule takes these DataLoader knobs; batches are built in-process here.
+_NEMO_LOADER_KWARGS = ("num_workers", "pin_memory", "persistent_workers", "use_mcore_sampler",
+                       "mcore_dataloader_type")
+_FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int64")),
+    "labels": datasets.Sequence(datasets.Value("int64")),
+    "loss_mask": datasets.Sequence(datasets.Value("float32")),
+    "prompt_len": datasets.Value("int64"),
+})
+
+
+def _check_int(field: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise bad_value(field, value, f"an integer >= {minimum}" + (" or None" if allow_none else ""))
+
+
+class HFDatasetDataModule:
+    """Micro-batches for SFT / pretraining from any ``datasets`` source.
+
+    Args:
+        path_or_dataset: ``Dataset``, ``DatasetDict``, local file(s) (.json/.jsonl/.parquet/.csv/
+            .txt), a ``{split: files}`` dict, a ``save_to_disk`` folder, or a Hub dataset name.
+        split / val_split: split names (aliases: val/valid/dev/eval -> validation), slices allowed.
+        seq_length: max positions per sample after shifting (longer samples are truncated).
+        micro_batch_size / global_batch_size: rows per micro-batch / per optimizer step.
+        pad_token_id: pad id (default: the tokenizer's pad id, else its EOS id).
+        formatting: None (pre-tokenized rows), "squad", "chat", "text" or ``fn(example, tokenizer)``.
+        packed_sequence_size: pack samples into rows of this many tokens (0: no packing).
+        shuffle / seed: epoch order (``torch.Generator`` seeded with ``seed + epoch``).
+        limit_samples: keep only the first N rows of the training split.
+        num_proc: processes for ``Dataset.map``.
+        **load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name``, ``cache_dir``).
+    """
+
+    def __init__(self, path_or_dataset: Any, split: str = "train", val_split: str | None = None,
+                 seq_length: int = 2048, micro_batch_size: int = 1, global_batch_size: int | None = None,
+                 pad_token_id: int | None = None, formatting: Formatting = None,
+                 packed_sequence_size: int = 0,
+                 shuffle: bool = True, seed: int = 1234, limit_samples: int | None = None,
+                 num_proc: int | None = None, **load_kwargs: Any):
+        _check_int("seq_length", seq_length, 2)
+        _check_int("micro_batch_size", micro_batch_size, 1)
+        _check_int("global_batch_size", global_batch_size, 1, allow_none=True)
+        _check_int("pad_token_id", pad_token_id, 0, allow_none=True)
+        _check_int("packed_sequence_size", packed_sequence_size, 0)
+        _check_int("seed", seed, 0)
+        _check_int("limit_samples", limit_samples, 1, allow_none=True)
+        _check_int("num_proc", num_proc, 1, allow_none=True)
+        if global_batch_size is not None and global_batch_size % micro_batch_size:
+            raise bad_value("global_batch_size", global_batch_size,
+                            f"a multiple of micro_batch_size={micro_batch_size}")
+        if packed_sequence_size == 1:
+            raise bad_value("packed_sequence_size", 1, "0 (no packing) or at least 2 tokens")
+        check_formatting(formatting)
+        parse_split(split, "split")
+        if val_split is not None:
+            parse_split(val_split, "val_split")
+        for key in _NEMO_LOADER_KWARGS:
+            load_kwargs.pop(key, None)
+        self.path_or_dataset, self.split, self.val_split = path_or_dataset, split, val_split
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.pad_token_id, self.formatting = pad_token_id, formatting
+        self.packed_sequence_size, self.shuffle, self.seed = packed_sequence_size, shuffle, seed
+        self.limit_samples, self.num_proc, self.load_kwargs = limit_samples, num_proc, load_kwargs
+        self._maps: list[tuple[Callable, dict[str, Any]]] = []
+        self._cache_key: tuple | None = None
+        self._train: Rows | None = None
+        self._val: Rows | None = None
+        self._sampler: MicroBatchSampler | None = None
+        self._state = {"epoch": 0, "batch_in_epoch": 0}
+        self._dp_rank, self._dp_size = 0, 1
+
+    # ---- recorded maps -------------------------------------------------------------------
+    def map(self, function: Callable, **kwargs: Any) -> HFDatasetDataModule:
+        """Record a ``Dataset.map(function, **kwargs)`` to run at ``setup`` (in call order)."""
+        if not callable(function):
+            raise bad_value("map function", function, "a callable")
+        self._maps.append((function, kwargs))
+        self._cache_key = None
+        return self
+
+    # ---- setup -----------------------------------------------------------------------------
+    def setup(self, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1) -> None:
+        """Load, map, format, filter and pack; build this rank's sampler. Cheap when repeated."""
+        _check_int("dp_size", dp_size, 1)
+        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
+            raise bad_value("dp_rank", dp_rank, f"a rank in 0..{dp_size - 1}")
+        self._dp_rank, self._dp_size = dp_rank, dp_size
+        _ = self.accumulate_grad_batches  # raises early when not divisible
+        key = (id(tokenizer), len(self._maps), self.split, self.val_split, self.seq_length, self.formatting,
+               self.packed_sequence_size, self.pad_token_id, self.limit_samples)
+        if key != self._cache_key:
+            pad = self._resolve_pad(tokenizer)
+            splits = open_local(self.path_or_dataset, self.load_kwargs)
+            self._train = self._prepare(tokenizer, splits, self.split, "split", pad, self.limit_samples)
+            self._val = (self._prepare(tokenizer, splits, self.val_split, "val_split", pad, None)
+                         if self.val_split else None)
+            self._pad_id, self._cache_key = pad, key
+        if self._sampler is not None:
+            self._state = self._sampler.state_dict()
+        self._sampler = MicroBatchSampler(len(self._train), self.micro_batch_size, dp_rank, dp_size,
+                                          self.shuffle, self.seed)
+        self._sampler.load_state_dict(self._state)
+
+    def _resolve_pad(self, tokenizer: Any) -> int:
+        for pad in (self.pad_token_id, getattr(tokenizer, "pad_token_id", None),
+                    getattr(tokenizer, "eos_token_id", None)):
+            if pad is not None:
+                return int(pad)
+        raise ConfigError("pad_token_id=None and the tokenizer has neither a pad nor an EOS token: "
+                          "pass pad_token_id=<id> to the data module")
+
+    @property
+    def _max_len(self) -> int:
+        size = self.packed_sequence_size
+        return min(self.seq_length, size) if size else self.seq_length
+
+    def _prepare(self, tokenizer: Any, splits: datasets.DatasetDict | None, split: str, field: str,
+                 pad: int, limit: int | None) -> Rows:
+        ds = load_split(self.path_or_dataset, splits, split, field, self.load_kwargs)
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        self._check_nonempty(ds, split, field, "")
+        for function, kwargs in self._maps:
+            ds = ds.map(function, **kwargs)
+        self._check_nonempty(ds, split, field, " after the recorded .map calls")
+        check_columns(self.formatting, ds.column_names, split)
+        store = SampleStore.from_dataset(self._format(ds, tokenizer, pad))
+        return Rows(self._drop_empty(store, split), self.packed_sequence_size)
+
+    @staticmethod
+    def _check_nonempty(ds: datasets.Dataset, split: str, field: str, when: str) -> None:
+        if len(ds) == 0:
+            raise ConfigError(f"{field}={split!r} has no rows{when}: pick a non-empty split or slice")
+
+    def _format(self, ds: datasets.Dataset, tokenizer: Any, pad: int) -> datasets.Dataset:
+        fmt = make_formatter(self.formatting, tokenizer, self._max_len, pad)
+        # In memory, so the fingerprint only labels the result: no need to hash the tokenizer.
+        tag = f"{ds._fingerprint}|{self.formatting!r}|{id(tokenizer)}|{self._max_len}|{pad}"
+        return ds.map(fmt, batched=True, with_indices=True, remove_columns=ds.column_names,
+                      features=_FEATURES, num_proc=self.num_proc, keep_in_memory=True, desc="formatting",
+                      new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16])
+
+    def _drop_empty(self, store: SampleStore, split: str) -> SampleStore:
+        keep = store.loss_tokens() > 0
+        if keep.all():
+            return store
+        truncated = ~keep & (store.prompt_len >= 0)
+        if not keep.any():
+            raise self._all_dropped_error(store, truncated, split)
+        logger.warning("split %r: dropped %d of %d rows with no token to train on (%d lost them to "
+                       "truncation at %d tokens)", split, int((~keep).sum()), len(store),
+                       int(truncated.sum()), self._max_len)
+        return store.select(keep)
+
+    def _all_dropped_error(self, store: SampleStore, truncated: np.ndarray, split: str) -> ConfigError:
+        if not truncated.any():
+            return ConfigError(f"split {split!r}: no row has a token to train on with formatting="
+                               f"{self.formatting!r} (e.g. no answer or assistant turn): check the data")
+        field, value = (("packed_sequence_size", self.packed_sequence_size)
+                        if self._max_len < self.seq_length else ("seq_length", self.seq_length))
+        shortest = int(store.prompt_len[truncated].min())
+        return ConfigError(f"{field}={value} is shorter than the prompts of split {split!r} (the "
+                           f"shortest prompt has {shortest} tokens), so every row loses its trained "
+                           f"tokens: raise {field}")
+
+    # ---- properties ------------------------------------------------------------------------
+    def _require_setup(self) -> None:
+        if self._train is None:
+            raise RuntimeError("HFDatasetDataModule.setup(tokenizer, dp_rank, dp_size) must run first")
+
+    @property
+    def accumulate_grad_batches(self) -> int | None:
+        """Micro-batches per optimizer step on each rank (None without ``global_batch_size``)."""
+        if self.global_batch_size is None:
+            return None
+        per_step = self.micro_batch_size * self._dp_size
+        if self.global_batch_size % per_step:
+            raise bad_value("global_batch_size", self.global_batch_size,
+                            f"a multiple of micro_batch_size={self.micro_batch_size} x "
+                            f"dp_size={self._dp_size} = {per_step}")
+        return self.global_batch_size // per_step
+
+    @property
+    def train_dataset(self) -> Rows:
+        """Training rows (packed rows when packing); ``len()`` gives their number."""
+        self._require_setup()
+        return self._train
+
+    @property
+    def val_dataset(self) -> Rows | None:
+        """Validation rows, or None without ``val_split``."""
+        self._require_setup()
+        return self._val
+
+    @property
+    def pad_id(self) -> int:
+        """The pad id batches use (after ``setup``)."""
+        self._require_setup()
+        return self._pad_id
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Training micro-batches per epoch on this rank."""
+        self._require_setup()
+        return self._sampler.batches_per_epoch
+
+    # ---- batches ---------------------------------------------------------------------------
+    def _collate(self, rows: Rows, indices: np.ndarray) -> Batch:
+        return collate([rows[int(i)] for i in indices], self._pad_id)
+
+    def train_batches(self) -> Iterator[Batch]:
+        """Infinite iterator over this rank's training micro-batches, from the current state."""
+        self._require_setup()
+        for indices in self._sampler:
+            yield self._collate(self._train, indices)
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether a ``val_split`` was configured."""
+        return self.val_split is not None
+
+    def val_batches(self) -> list[Batch] | None:
+        """Validation micro-batches for this rank in order (None without ``val_split``).
+
+        With one rank every row is used (the last batch may be short); with several, the
+        incomplete tail is dropped so all ranks run the same number of batches.
+        """
+        self._require_setup()
+        if self._val is None:
+            return None
+        order = np.arange(len(self._val))
+        drop = self._dp_size > 1
+        batches = rank_batches(order, self.micro_batch_size, self._dp_rank, self._dp_size, drop_last=drop)
+        if drop and len(self._val) % (self.micro_batch_size * self._dp_size):
+            logger.warning("val_split: %d rows do not fill a micro-batch on every rank and are skipped",
+                           len(self._val) % (self.micro_batch_size * self._dp_size))
+        return [self._collate(self._val, b) for b in batches]
+
+    # ---- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Position of the next training micro-batch: ``{"epoch", "batch_in_epoch"}``."""
+        return self._sampler.state_dict() if self._sampler is not None else dict(self._state)
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume the next ``train_batches()`` at ``state`` (may be called before ``setup``)."""
+        if self._sampler is not None:
+            self._sampler.load_state_dict(state)
+        else:
+            try:
+                self._state = {"epoch": int(state["epoch"]), "batch_in_epoch": int(state["batch_in_epoch"])}
+            except (KeyError, TypeError, ValueError) as e:
+                raise bad_value("data state_dict", state, "{'epoch': int, 'batch_in_epoch': int}") from e
+
+
+class SquadHFDataModule(HFDatasetDataModule):
+    """``HFDatasetDataModule`` with ``formatting="squad"`` (context/question/answers columns)."""
+
+    def __init__(self, path_or_dataset: Any, **kwargs: Any):
+        kwargs.setdefault("formatting", "squad")
+        super().__init__(path_or_dataset, **kwargs)
+
+
+class ChatHFDataModule(HFDatasetDataModule):
+    """``HFDatasetDataModule`` with ``formatting="chat"`` (a ``messages`` column)."""
+
+    def __init__(self, path_or_dataset: Any, **kwargs: Any):
+        kwargs.setdefault("formatting", "chat")
+        super().__init__(path_or_dataset, **kwargs)

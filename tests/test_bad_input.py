@@ -1,0 +1,108 @@
+"""Bad input fails early with one line naming the cause, exit code 2, and no damage to earlier runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_automodel import lightning as nl
+from nemo_automodel import llm
+from nemo_automodel.errors import ConfigError
+
+SCRIPT = """
+import sys, nemo_run as run
+from nemo_automodel.cli import run_graph
+from recipes.hf_auto_model_for_causal_lm import finetune_recipe
+kw = {kw}
+recipe = finetune_recipe(model_id=kw.pop("model_id"), dataset=kw.pop("dataset"), formatting="chat", dir=kw.pop("dir"),
+                         name="run", max_steps=2, seq_length=kw.pop("seq_length", 64), micro_batch_size=2,
+                         global_batch_size=kw.pop("global_batch_size", 4))
+for path, value in kw.items():
+    node, attr = path.split(".")
+    setattr(getattr(recipe, node), attr, value)
+run_graph(recipe)
+"""
+
+
+def _run(**kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", SCRIPT.format(kw=repr(kw))], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-input")
+    data = root / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]}
+            for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = _run(model_id=str(tiny_llama), dataset=str(data), dir=str(root))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(model_id=str(tiny_llama), dataset=str(data), dir=str(root))
+
+
+CASES = [
+    (dict(model_id="/no/such/model"), "model_id='/no/such/model'"),
+    (dict(dataset="/no/such/data.jsonl"), "/no/such/data.jsonl"),
+    (dict(seq_length=4), "seq_length"),
+    (dict(global_batch_size=3), "global_batch_size"),
+    ({"peft.target_modules": ["nothing_here"]}, "match no layer"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,cause", CASES, ids=["model", "dataset", "seq_length", "batch", "lora"])
+def test_bad_input_is_one_line_and_leaves_previous_run_intact(good_run, override, cause):
+    before = _digest(Path(good_run["dir"]) / "run" / "checkpoints")
+    done = _run(**{**good_run, **override})
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and cause in last, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert _digest(Path(good_run["dir"]) / "run" / "checkpoints") == before
+
+
+def test_trainer_rejects_unknown_strategy_and_precision():
+    with pytest.raises(ConfigError, match=r"strategy='deepspeed' is invalid: use None, 'ddp', 'fsdp2'"):
+        nl.Trainer(max_steps=1, strategy="deepspeed")
+    with pytest.raises(ConfigError, match=r"precision='fp8' is invalid"):
+        nl.Trainer(max_steps=1, precision="fp8")
+    with pytest.raises(ConfigError, match="max_steps"):
+        nl.Trainer()
+
+
+def test_constructors_validate_without_io():
+    with pytest.raises(ConfigError, match="model_id"):
+        llm.HFAutoModelForCausalLM()
+    with pytest.raises(ConfigError, match=r"LoRA: dim=0 is invalid"):
+        llm.peft.LoRA(dim=0)
+    with pytest.raises(ConfigError, match="torch_dtype"):
+        llm.HFAutoModelForCausalLM("some/model", torch_dtype="float8")
+    llm.HFAutoModelForCausalLM("/definitely/not/there")  # lazy: nothing is read yet
+
+
+def test_rerun_into_existing_run_dir_requires_resume(tiny_llama, tmp_path):
+    from tests.helpers import chat_dataset
+
+    def go(resume):
+        return llm.api.finetune(
+            model=llm.HFAutoModelForCausalLM(str(tiny_llama)), peft=llm.peft.LoRA(target_modules=["*_proj"]),
+            data=llm.HFDatasetDataModule(chat_dataset(), formatting="chat", seq_length=64, micro_batch_size=4),
+            trainer=nl.Trainer(max_steps=1, enable_progress_bar=False), log=nl.NeMoLogger(log_dir=str(tmp_path)),
+            resume=resume)
+
+    go(None)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        go(None)
