@@ -137,33 +137,35 @@ def chat_tokens(messages: list[dict[str, Any]], tokenizer: Any, row: int = 0) ->
     """Render a conversation with the chat template; return its tokens and a 0/1 mask marking
     assistant turns (content plus the end-of-turn tokens the template emits after it).
 
-    Each assistant span is found by rendering the prefix before it with
-    ``add_generation_prompt=True`` and the prefix including it; both must tokenize to prefixes
-    of the whole conversation.
+    The rendered text is cut at each assistant turn's start (the prefix rendered with
+    ``add_generation_prompt=True``) and end (the prefix including the turn); the pieces are
+    tokenized separately, so the prompt tokenizes exactly as it does at generation time, where
+    the model continues after the generation prompt.
     """
     def render(msgs: list, gen: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     try:
-        texts = [render(messages, False)]
-        for i in turns:
-            texts += [render(messages[:i], True), render(messages[: i + 1], False)]
+        full = render(messages, False)
+        cuts = [c for i in turns for c in (render(messages[:i], True), render(messages[: i + 1], False))]
     except Exception as e:  # jinja2 TemplateError, KeyError, ...
         raise ConfigError(f"formatting='chat': the chat template of {_name(tokenizer)!r} failed on row "
                           f"{row}: {type(e).__name__}: {e}") from e
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    full, mask = enc[0], [0] * len(enc[0])
-    for k in range(len(turns)):
-        start, end = enc[1 + 2 * k], enc[2 + 2 * k]
-        if end[: len(start)] != start or full[: len(end)] != end:
-            raise ConfigError(
-                f"formatting='chat': the chat template of {_name(tokenizer)!r} does not render row {row} "
-                "as a growing prefix (a conversation prefix tokenizes differently from the start of "
-                "the whole conversation), so assistant turns cannot be located: pre-tokenize with "
-                "formatting=None")
-        mask[len(start): len(end)] = [1] * (len(end) - len(start))
-    return full, mask
+    bounds = [len(c) for c in cuts] + [len(full)]
+    if any(not full.startswith(c) for c in cuts) or bounds != sorted(bounds):
+        raise ConfigError(
+            f"formatting='chat': the chat template of {_name(tokenizer)!r} does not render row {row} "
+            "as a growing prefix (a conversation prefix renders differently from the start of the whole "
+            "conversation), so assistant turns cannot be located: pre-tokenize with formatting=None")
+    pieces = [full[a:b] for a, b in zip([0, *bounds[:-1]], bounds)]
+    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    tokens: list[int] = []
+    mask: list[int] = []
+    for k, piece in enumerate(ids):  # odd pieces are assistant turns
+        tokens += piece
+        mask += [k % 2] * len(piece)
+    return tokens, mask
 
 
 def chat_formatter(tokenizer: Any, max_len: int) -> BatchFn:
