@@ -4,12 +4,15 @@ Layout of one checkpoint (written under a temporary name, renamed when complete,
 pointed at by the ``last`` symlink, which is switched atomically)::
 
     checkpoints/step-000100/
-        state/            DCP shards: trainable params + optimizer (no rank-0 gather)
+        state/              DCP shards: trainable params + optimizer (each rank writes its own)
         trainer-rank{r}.pt  step, LR scheduler, data position and RNG states of rank r
-        model/            HF safetensors + config + tokenizer   (full SFT)
-        hf_adapter/       adapter_config.json + adapter_model.safetensors (LoRA)
-        meta.json
+        model/              HF safetensors + config + tokenizer   (full SFT)
+        hf_adapter/         adapter_config.json + adapter_model.safetensors (LoRA)
+        meta.json           written last: its presence marks the checkpoint complete
     checkpoints/last -> step-000100
+
+A process killed at any point leaves either the previous complete checkpoint as ``last`` or the
+new one; half-written ``.tmp-*`` folders are never resumed from and are removed by the next save.
 """
 
 from __future__ import annotations
@@ -24,14 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.trainer.hf_export import export_hf, is_peft
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
@@ -69,11 +68,12 @@ class AutoResume:
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The complete checkpoint ``last`` points at (never a half-written one)."""
+    """The complete checkpoint ``last`` points at; if that link is missing or broken, the newest complete one."""
     last = Path(ckpt_root) / "last"
     if last.is_symlink() and (last.resolve() / "meta.json").is_file():
         return last.resolve()
-    return None
+    done = sorted(p for p in Path(ckpt_root).glob("step-*") if (p / "meta.json").is_file())
+    return done[-1].resolve() if done else None
 
 
 def _rng_state() -> dict:
@@ -95,7 +95,7 @@ def _options(**kw) -> StateDictOptions:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, scheduler, data, strategy,
-                    keep_last: int = 2, metrics: dict | None = None) -> Path:
+                    keep_last: int = 2, metrics: dict | None = None, preempted: bool = False) -> Path:
     """Write checkpoint ``step`` on every rank; returns its final path."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:06d}"
@@ -106,18 +106,21 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
     strategy.barrier()
 
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"),
+             no_dist=not strategy.is_distributed)
     torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": _rng_state()},
                tmp / f"trainer-rank{strategy.rank}.pt")
-    _export_hf(tmp, model=model, module=module, strategy=strategy)
+    export_hf(tmp, model=model, module=module, strategy=strategy)
     strategy.barrier()
 
     if strategy.rank == 0:
-        meta = {"step": step, "world_size": strategy.world_size, "peft": _is_peft(model.model),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics or {}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        meta = {"step": step, "world_size": strategy.world_size, "peft": is_peft(model.model),
+                "micro_batch_size": getattr(data, "micro_batch_size", None), "preempted": preempted,
+                "saved_at": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics or {}}
+        _fsync_tree(tmp)
+        _write_durably(tmp / "meta.json", json.dumps(meta, indent=1))
+        if final.exists():  # a complete step-N left by a run killed before it moved `last`
+            _remove(final)
         os.replace(tmp, final)
         _point_last(ckpt_root, final)
         _prune(ckpt_root, keep_last)
@@ -125,18 +128,25 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
     return final
 
 
-def _is_peft(hf_model) -> bool:
-    return hasattr(hf_model, "peft_config")
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _export_hf(out: Path, *, model, module, strategy) -> None:
-    """Consolidated export next to the state: PEFT adapter (LoRA) or HF safetensors (full SFT)."""
-    peft = _is_peft(model.model)
-    full = get_model_state_dict(module, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=strategy.is_distributed, ignore_frozen_params=peft))
-    if strategy.rank == 0:
-        full = {k.removeprefix("module."): v for k, v in full.items()}
-        model.save_pretrained(out / ("hf_adapter" if peft else "model"), state_dict=full)
+def _fsync_tree(root: Path) -> None:
+    """Flush every file of a finished checkpoint to disk before it is marked complete."""
+    for path in [root, *root.rglob("*")]:
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _point_last(ckpt_root: Path, target: Path) -> None:
@@ -145,6 +155,15 @@ def _point_last(ckpt_root: Path, target: Path) -> None:
         link.unlink()
     os.symlink(target.name, link)
     os.replace(link, ckpt_root / "last")
+    _fsync(ckpt_root)
+
+
+def _remove(path: Path) -> None:
+    """Take a checkpoint out of the complete set atomically (rename), then delete it."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
@@ -152,18 +171,24 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
     keep = set(done[-keep_last:]) | {latest_checkpoint(ckpt_root)}
     for path in done:
         if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
     for stale in ckpt_root.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy) -> int:
-    """Restore params, optimizer, scheduler, data position and RNG; returns the step to continue from."""
+    """Restore params, optimizer, scheduler, data position and RNG; returns the step to continue from.
+
+    Across a change of world size, DCP reshards weights and optimizer state and the schedule
+    carries over; the data position carries over when the rows consumed so far fill whole
+    micro-batches of the new layout (e.g. the same global batch), otherwise the epoch restarts.
+    RNG streams are per rank, so they are restored only on the same world size.
+    """
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "state"))
+    dcp.load(state, checkpoint_id=str(path / "state"), no_dist=not strategy.is_distributed)
     # strict=False: frozen base weights are not in the checkpoint, they come from the pretrained model
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(strict=False))
@@ -174,8 +199,20 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
         data.load_state_dict(trainer_state["data"])
         _set_rng_state(trainer_state["rng"])
     else:
-        log.warning("resuming %s saved with world size %d on %d ranks: weights, optimizer and schedule carry "
-                    "over; the data order restarts at the saved epoch and RNG streams are reseeded",
-                    path.name, meta["world_size"], strategy.world_size)
-        data.load_state_dict({"epoch": trainer_state["data"].get("epoch", 0), "batch_in_epoch": 0})
+        data.load_state_dict(_reshard_data_position(trainer_state["data"], meta, data, strategy.world_size))
     return int(meta["step"])
+
+
+def _reshard_data_position(saved: dict, meta: dict, data, world_size: int) -> dict:
+    """Map a per-rank data position saved on ``meta['world_size']`` ranks onto ``world_size`` ranks."""
+    epoch, batch = int(saved.get("epoch", 0)), int(saved.get("batch_in_epoch", 0))
+    old_mbs, new_mbs = meta.get("micro_batch_size"), getattr(data, "micro_batch_size", None)
+    rows = batch * old_mbs * meta["world_size"] if old_mbs else None
+    if rows is not None and new_mbs and rows % (new_mbs * world_size) == 0:
+        log.warning("resuming step %d saved on %d ranks with %d: weights, optimizer, schedule and data position "
+                    "carry over; RNG streams are reseeded", meta["step"], meta["world_size"], world_size)
+        return {"epoch": epoch, "batch_in_epoch": rows // (new_mbs * world_size)}
+    log.warning("resuming step %d saved on %d ranks with %d: weights, optimizer and schedule carry over; the "
+                "data order restarts at epoch %d (the %s rows consumed do not fill whole micro-batches of the "
+                "new layout) and RNG streams are reseeded", meta["step"], meta["world_size"], world_size, epoch, rows)
+    return {"epoch": epoch, "batch_in_epoch": 0}

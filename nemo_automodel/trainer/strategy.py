@@ -1,22 +1,29 @@
 """Parallel strategies over torch.distributed: single device, DDP and FSDP2 (gloo on CPU, nccl on GPU).
 
 A strategy owns the process group, the device and how the model is wrapped; the training loop
-only calls ``setup``, ``wrap``, ``all_reduce`` and ``teardown``. Multi-process runs are started
-by torchrun (or NeMo-Run / Slurm), which sets RANK, WORLD_SIZE and LOCAL_RANK.
+only calls ``setup``, ``wrap``, ``grad_sync``, ``all_reduce`` and ``barrier``. Multi-process runs
+get RANK, WORLD_SIZE and LOCAL_RANK from torchrun, NeMo-Run's torchrun launcher, or the
+trainer's own launcher (``Trainer(devices=N)`` from a plain ``python`` process, see launch.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 
-from nemo_automodel.errors import bad_value
+from nemo_automodel.errors import ConfigError, bad_value
+
+
+def env_world_size() -> int:
+    """The number of processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 class SingleDeviceStrategy:
-    """One process, one device (also the fallback when WORLD_SIZE is 1)."""
+    """One process, one device."""
 
     name = "single"
 
@@ -25,9 +32,13 @@ class SingleDeviceStrategy:
         self.device = torch.device("cpu")
 
     def setup(self, accelerator: str = "auto") -> None:
+        """Read the launcher's environment, pick the device and join the process group."""
         self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.world_size = env_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.world_size > 1 and self.name == "single":
+            raise ConfigError(f"strategy='single' cannot train on {self.world_size} processes (each would train "
+                              "alone): use strategy='ddp' or 'fsdp2'")
         use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         if accelerator in ("gpu", "cuda") and not use_cuda:
             raise bad_value("accelerator", accelerator, "CUDA is not available here; use 'cpu' or 'auto'")
@@ -43,6 +54,10 @@ class SingleDeviceStrategy:
 
     def wrap(self, module: torch.nn.Module, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
         return module
+
+    def grad_sync(self, module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's backward; ``sync=False`` skips the gradient all-reduce."""
+        return contextlib.nullcontext()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks (in place) and return it."""
@@ -60,7 +75,11 @@ class SingleDeviceStrategy:
 
 
 class DDPStrategy(SingleDeviceStrategy):
-    """Data parallel: every rank holds the full model; gradients are averaged by DDP."""
+    """Data parallel: every rank holds the full model; DDP averages gradients.
+
+    Gradient accumulation runs the non-final micro-batches under ``no_sync``, so gradients are
+    all-reduced once per optimizer step.
+    """
 
     name = "ddp"
 
@@ -72,12 +91,19 @@ class DDPStrategy(SingleDeviceStrategy):
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
 
+    def grad_sync(self, module, sync):
+        if sync or not hasattr(module, "no_sync"):
+            return contextlib.nullcontext()
+        return module.no_sync()
+
 
 class FSDP2Strategy(SingleDeviceStrategy):
     """Fully sharded data parallel (``fully_shard``) per transformer block and on the root.
 
     Applied after LoRA, so only adapters are trainable. ``data_parallel_size`` defaults to the
-    world size; ``mixed_precision`` (from the trainer's precision) sets the FSDP param dtype.
+    world size; ``mixed_precision`` (from the trainer's precision) sets the FSDP param dtype
+    (gradients are reduced in fp32). Gradients are reduce-scattered after every micro-batch,
+    which keeps only the sharded gradient in memory during accumulation.
     """
 
     name = "fsdp2"
@@ -114,15 +140,19 @@ def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
-STRATEGIES = {None: SingleDeviceStrategy, "auto": SingleDeviceStrategy, "single": SingleDeviceStrategy,
-              "ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp": FSDP2Strategy}
+STRATEGIES = {"single": SingleDeviceStrategy, "ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp": FSDP2Strategy}
 
 
 def resolve_strategy(strategy) -> SingleDeviceStrategy:
-    """Turn ``None | 'auto' | 'ddp' | 'fsdp2'`` or a strategy object into a strategy object."""
+    """Turn ``None | 'auto' | 'single' | 'ddp' | 'fsdp2'`` or a strategy object into a strategy object.
+
+    ``None``/``'auto'`` is decided where the job runs: DDP on several processes, else single.
+    """
     if isinstance(strategy, SingleDeviceStrategy):
         return strategy
     key = strategy.lower() if isinstance(strategy, str) else strategy
+    if key in (None, "auto"):
+        return DDPStrategy() if env_world_size() > 1 else SingleDeviceStrategy()
     if key not in STRATEGIES:
         raise bad_value("strategy", strategy, "use None, 'ddp', 'fsdp2' or an FSDP2Strategy(...)")
     return STRATEGIES[key]()

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from nemo_automodel.errors import ConfigError, bad_value
 from nemo_automodel.trainer.checkpoint import AutoResume, ModelCheckpoint, load_checkpoint, save_checkpoint
+from nemo_automodel.trainer.launch import launch_fit, needs_launch
 from nemo_automodel.trainer.metrics import MetricsLogger
-from nemo_automodel.trainer.strategy import resolve_strategy
+from nemo_automodel.trainer.strategy import env_world_size, resolve_strategy
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,20 @@ class Trainer:
     """Fit a model on a data module.
 
     Lightning/NeMo-style arguments; ``max_steps`` counts optimizer steps. ``precision`` is
-    ``'32'`` or ``'bf16-mixed'`` (autocast). ``strategy`` is None, ``'ddp'``, ``'fsdp2'`` or a
-    strategy object. ``callbacks`` may define ``on_train_start(trainer, module)``,
-    ``on_train_step_end(trainer, step, metrics)`` and ``on_train_end(trainer)``.
+    ``'32'`` or ``'bf16-mixed'`` (autocast). ``strategy`` is None (DDP on several processes,
+    else one device), ``'ddp'``, ``'fsdp2'`` or a strategy object. ``callbacks`` may define
+    ``on_train_start(trainer, module)``, ``on_train_step_end(trainer, step, metrics)`` and
+    ``on_train_end(trainer)``.
+
+    Processes: under torchrun / NeMo-Run / Slurm+torchrun (WORLD_SIZE set) each process is one
+    rank and ``devices`` is informational. From a plain ``python`` process, ``devices * num_nodes
+    > 1`` makes ``fit`` start ``devices`` local workers itself with torchrun's elastic launcher
+    (see ``trainer/launch.py``: spawn, so guard the script with ``if __name__ == "__main__":``)
+    and return rank 0's run directory; the weights are then in ``checkpoints/last``. Several
+    nodes need a launcher (torchrun or NeMo-Run) on each node.
+
+    On SIGTERM every rank finishes its step, a checkpoint is written, and the process exits with
+    ``PREEMPTED_EXIT_CODE`` (75) so a requeued job resumes with ``AutoResume``.
     """
 
     def __init__(self, devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", strategy: Any = None,
@@ -65,7 +77,8 @@ class Trainer:
             raise bad_value("accumulate_grad_batches/devices/num_nodes/log_every_n_steps",
                             (accumulate_grad_batches, devices, num_nodes, log_every_n_steps), "use values >= 1")
         self.devices, self.num_nodes, self.accelerator = devices, num_nodes, accelerator
-        self.strategy = resolve_strategy(strategy)
+        self._strategy_arg = strategy
+        self.strategy = resolve_strategy(strategy)  # validated now; None/'auto' is re-decided in fit
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
@@ -79,6 +92,8 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _setup(self, model, data, peft, optim):
+        if self._strategy_arg in (None, "auto"):
+            self.strategy = resolve_strategy(self._strategy_arg)
         self.strategy.setup(self.accelerator)
         torch.manual_seed(self.seed)
         hf_model = model.configure_model(self.strategy.device)
@@ -112,6 +127,15 @@ class Trainer:
         log_cfg = log or NeMoLogger()
         self.run_dir = run_dir = log_cfg.run_dir
         ckpt_root = run_dir / "checkpoints"
+        if needs_launch(self.devices, self.num_nodes):
+            if self.num_nodes > 1:
+                raise ConfigError(f"num_nodes={self.num_nodes} needs a launcher on every node: run under torchrun, "
+                                  "NeMo-Run (launcher='torchrun') or Slurm")
+            return launch_fit(self, self.devices, (model, data, peft, optim, log_cfg, resume), ckpt_root,
+                              PREEMPTED_EXIT_CODE)
+        if self.devices * self.num_nodes not in (1, env_world_size()):
+            log.info("devices=%d x num_nodes=%d differs from the launcher's WORLD_SIZE=%d; using the launcher's",
+                     self.devices, self.num_nodes, env_world_size())
         module, optimizer, scheduler, accum, max_steps = self._setup(model, data, peft, optim)
         resume_from = resume.find(ckpt_root) if resume is not None else None
         if resume_from is None and (ckpt_root / "last").is_symlink():
@@ -129,6 +153,7 @@ class Trainer:
                                  scheduler=scheduler, data=data, strategy=self.strategy,
                                  keep_last=log_cfg.ckpt.keep_last)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        module.train()  # from_pretrained returns eval mode: dropout must be on while training
         for cb in self.callbacks:
             getattr(cb, "on_train_start", lambda *a: None)(self, module)
         batches = data.train_batches()
@@ -160,9 +185,10 @@ class Trainer:
                 stop = self._sigterm_agreed()
                 last = step == max_steps
                 if self.enable_checkpointing and (last or stop or (every and step % every == 0)):
-                    save(step, metrics=step_metrics)
+                    save(step, metrics=step_metrics, preempted=stop)
                 if stop:
-                    _print0(self, f"SIGTERM: checkpoint saved at step {step}; exiting with {PREEMPTED_EXIT_CODE}")
+                    _print0(self, f"SIGTERM: stopped after step {step} (checkpointed: {self.enable_checkpointing}); "
+                                  f"exiting with {PREEMPTED_EXIT_CODE}")
                     raise SystemExit(PREEMPTED_EXIT_CODE)
         finally:
             bar.close()
@@ -182,19 +208,21 @@ class Trainer:
         scale = self.strategy.world_size / n_tokens  # DDP/FSDP average gradients over ranks
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or not hasattr(module, "no_sync")
-            with (contextlib.nullcontext() if sync else module.no_sync()), self._autocast():
-                loss_sum = model.loss(module, batch)
-            (loss_sum * scale).backward()
+            # DDP: all-reduce gradients only on the last micro-batch (no_sync before it)
+            with self.strategy.grad_sync(module, sync=i == len(micro) - 1):
+                with self._autocast():
+                    loss_sum = model.loss(module, batch)
+                (loss_sum * scale).backward()
             total += loss_sum.detach().to(torch.float64)
         if self.gradient_clip_val:
             torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.gradient_clip_val)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = self.strategy.all_reduce(total).item() / n_tokens
         seen = sum(int(b["num_tokens"].sum()) if "num_tokens" in b else b["input_ids"].numel() for b in micro)
-        return loss, int(n_tokens), seen * self.strategy.world_size
+        sums = self.strategy.all_reduce(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64,
+                                                                         device=device)]))
+        return sums[0].item() / n_tokens, int(n_tokens), int(sums[1].item())
 
     def _autocast(self):
         if self.autocast_dtype is None:

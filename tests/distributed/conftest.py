@@ -1,0 +1,88 @@
+"""Fixtures for the multi-process tests: a small-vocab model and pre-tokenized data (see harness.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from harness import STEPS, launch
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, tokenizer) -> Path:
+    """A tied-embedding Llama with a 512-token vocabulary (fast), saved with a real tokenizer."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("small-llama")
+    cfg = transformers.LlamaConfig(vocab_size=512, tie_word_embeddings=True, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> Path:
+    """16 pre-tokenized rows of 12-40 tokens (learnable: arithmetic sequences of ids in 3..499)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(16):
+        n, start, stride = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((12, 41), (0, 497), (1, 4)))
+        rows.append({"input_ids": [3 + (start + stride * i) % 497 for i in range(n)]})
+    path = tmp_path_factory.mktemp("tokens") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def config(small_model, token_data) -> dict[str, dict]:
+    """The training set-ups (a run adds name, log_dir, out, ...); all use global batch 4 for 8 steps."""
+    base = {"model": str(small_model), "data": str(token_data), "steps": STEPS, "total": STEPS,
+            "micro": 2, "global": 4}
+    return {"ddp-sft": {**base, "strategy": "ddp", "micro": 1},  # 2 micro-batches per step and rank
+            "fsdp2-lora": {**base, "strategy": "fsdp2", "peft": True},
+            "fsdp2-sft": {**base, "strategy": "fsdp2", "micro": 1},
+            "single-sft": base, "single-lora": {**base, "peft": True}}
+
+
+def _trio(cfg: dict, tmp: Path, kind: str, stop: int) -> list[dict]:
+    """An uninterrupted run, then one stopped at ``stop`` and resumed in the same run directory."""
+    common = {**cfg, "log_dir": str(tmp / "runs")}
+    return [{**common, "name": f"{kind}-full", "out": str(tmp / f"{kind}-full")},
+            {**common, "name": f"{kind}-split", "steps": stop},
+            {**common, "name": f"{kind}-split", "resume": True, "out": str(tmp / f"{kind}-resumed")}]
+
+
+@pytest.fixture(scope="session")
+def ddp(tmp_path_factory, config) -> Path:
+    """torchrun x2, DDP full SFT (also counting gradient all-reduces and saving each rank's weights)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    runs = _trio(config["ddp-sft"], tmp, "sft", 3)
+    runs[0].update(count_syncs=True, per_rank=True)
+    launch(tmp, runs)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def fsdp2(tmp_path_factory, config) -> Path:
+    """torchrun x2, FSDP2: LoRA (stop at 3) and full SFT with accumulation (stop at 5)."""
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    launch(tmp, _trio(config["fsdp2-lora"], tmp, "lora", 3) + _trio(config["fsdp2-sft"], tmp, "sft", 5))
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def single(tmp_path_factory, config, fsdp2) -> Path:
+    """One process: the single-device references, and FSDP2's step-5 checkpoint resumed on 1 rank."""
+    tmp = tmp_path_factory.mktemp("single")
+    saved_on_2 = fsdp2 / "runs" / "sft-split" / "checkpoints" / "step-000005"
+    common = {"log_dir": str(tmp / "runs")}
+    launch(tmp, [{**config["single-sft"], **common, "name": "sft-full", "out": str(tmp / "sft-full")},
+                 {**config["single-lora"], **common, "name": "lora-full", "out": str(tmp / "lora-full")},
+                 {**config["single-sft"], **common, "name": "from-2-ranks", "resume_from": str(saved_on_2),
+                  "out": str(tmp / "from-2-ranks")}], nproc=1)
+    return tmp

@@ -1,0 +1,86 @@
+"""Process helpers for the multi-process tests.
+
+Every training here runs in real processes (torchrun, or ``python`` for one process / the
+trainer's own launcher) through ``worker.py``; gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 8  # 16 rows / global batch 4 = 4 steps per epoch: 8 steps cross an epoch boundary
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def command(spec: Path, nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(WORKER), str(spec)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            str(WORKER), str(spec)]
+
+
+def write_spec(path: Path, runs: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}))
+    return path
+
+
+def launch(tmp: Path, runs: list[dict], nproc: int = 2, timeout: float = 600, check: bool = True):
+    """Run ``worker.py`` on ``runs`` in ``nproc`` processes and wait; returns the CompletedProcess."""
+    spec = write_spec(tmp / f"spec-{time.monotonic_ns()}.json", runs)
+    proc = subprocess.run(command(spec, nproc), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start(tmp: Path, runs: list[dict], nproc: int = 2) -> subprocess.Popen:
+    """Start ``worker.py`` in its own session (so the whole process tree can be signalled)."""
+    spec = write_spec(tmp / f"spec-{time.monotonic_ns()}.json", runs)
+    log = open(tmp / f"log-{time.monotonic_ns()}.txt", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(command(spec, nproc), cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> int:
+    """Block until rank 0 logged ``step`` (or later); returns the step seen."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}: {proc.args}")
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
+    os.killpg(proc.pid, sig)
+    return proc.wait(timeout=120)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def meta(run_dir: Path) -> dict:
+    return json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if "train_loss" in r]

@@ -1,0 +1,119 @@
+"""One training process for the distributed tests: ``python worker.py SPEC.json`` (under torchrun or not).
+
+SPEC holds ``{"runs": [run, ...]}``; the runs train one after another in this process (so one
+torchrun start serves several fits). A run's keys:
+  model, data, log_dir, name, steps            where and how long
+  peft (bool), strategy (None|"ddp"|"fsdp2"), devices (Trainer(devices=N) launches the workers)
+  micro, global, lr, total                     batch sizes, AdamW with cosine LR over ``total`` steps
+  every, resume, resume_from                   checkpoint interval, AutoResume(if exists | from a path)
+  out                                          folder for results: final.pt (rank 0, full weights),
+                                               rank{r}.pt (each rank's weights), logits.pt, syncs.json
+  kill_in_save_at                              SIGKILL this process while it writes checkpoint N
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+# Plain components (no nemo_run / fiddle import): start-up time counts, every test starts processes.
+from nemo_automodel.api import finetune
+from nemo_automodel.data import HFDatasetDataModule
+from nemo_automodel.models import HFAutoModelForCausalLM
+from nemo_automodel.optim import OptimizerModule, WarmupCosineSchedule
+from nemo_automodel.peft import LoRA
+from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer, checkpoint
+
+IDS = torch.arange(2 * 24).reshape(2, 24) % 500  # fixed probe inputs for the logits check
+
+
+class SyncCounter:
+    """Counts DDP gradient all-reduces and records which micro-batch (1-based forward count) ran them."""
+
+    def __init__(self) -> None:
+        self.forwards, self.at = 0, []
+
+    def on_train_start(self, trainer, module) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        module.register_forward_pre_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
+
+        def hook(state, bucket):
+            self.at.append(self.forwards)
+            return allreduce_hook(state, bucket)
+
+        module.register_comm_hook(None, hook)
+
+
+def _kill_in_save(step: int) -> None:
+    real = checkpoint.export_hf
+
+    def export(out, **kw):
+        if Path(out).name.endswith(f"step-{step:06d}"):  # the DCP state of this step is written by now
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(out, **kw)
+
+    checkpoint.export_hf = export
+
+
+def fit(run: dict, callbacks: list) -> tuple:
+    model = HFAutoModelForCausalLM(run["model"])
+    data = HFDatasetDataModule(run["data"], formatting=None, seq_length=64, micro_batch_size=run["micro"],
+                               global_batch_size=run["global"], pad_token_id=0, seed=3)
+    # = llm.adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=2, min_lr=1e-4), built
+    optim = OptimizerModule(functools.partial(torch.optim.AdamW, lr=run.get("lr", 1e-2), weight_decay=0.01),
+                            WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4, max_steps=run.get("total", run["steps"])))
+    trainer = Trainer(devices=run.get("devices", 1), strategy=run.get("strategy"), max_steps=run["steps"],
+                      log_every_n_steps=1, gradient_clip_val=1.0, enable_progress_bar=False, callbacks=callbacks)
+    peft = LoRA(target_modules=["*_proj"], dim=4) if run.get("peft") else None
+    ckpt = ModelCheckpoint(every_n_train_steps=run.get("every"), keep_last=2)
+    run_dir = finetune(model=model, data=data, trainer=trainer, peft=peft, optim=optim, resume=_resume(run),
+                       log=NeMoLogger(log_dir=run["log_dir"], name=run["name"], ckpt=ckpt, tensorboard=False))
+    return model, trainer, run_dir
+
+
+def _resume(run: dict):
+    if run.get("resume_from"):
+        return AutoResume(resume_from_path=run["resume_from"])
+    return AutoResume(resume_if_exists=True) if run.get("resume") else None
+
+
+def save_results(run: dict, model, trainer, callbacks: list) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    out = Path(run["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    rank = trainer.strategy.rank
+    full = get_model_state_dict(model.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.get("per_rank"):
+        local = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.model.state_dict().items()}
+        torch.save(local, out / f"rank{rank}.pt")
+    with torch.no_grad():
+        logits = model.model(input_ids=IDS, use_cache=False).logits
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in full.items()}, out / "final.pt")
+        torch.save(logits, out / "logits.pt")
+    for cb in callbacks:
+        (out / f"syncs-rank{rank}.json").write_text(json.dumps({"forwards": cb.forwards, "at": cb.at}))
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    for run in spec["runs"]:
+        if run.get("kill_in_save_at"):
+            _kill_in_save(run["kill_in_save_at"])
+        callbacks = [SyncCounter()] if run.get("count_syncs") else []
+        model, trainer, run_dir = fit(run, callbacks)
+        if run.get("out") and not run.get("devices", 1) > 1:
+            save_results(run, model, trainer, callbacks)
+        print(f"RUN_DIR {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
