@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default 0: torch's default); 1 is steadier on a busy machine")
     p.add_argument("--lora", action="store_true", help="LoRA r8 on the 7 projections instead of full SFT")
+    p.add_argument("--jit", action="store_true", help="ours with JitTransform (torch.compile per decoder block)")
     return p.parse_args(argv)
 
 
@@ -156,11 +157,16 @@ def run_pair(model_dir: Path, ds: datasets.Dataset, args: argparse.Namespace, lo
     model = llm.HFAutoModelForCausalLM(str(model_dir))
     hand = HandLoop(model_dir, ds, args, model.tokenizer)
     timer = Interleave(hand)
+    callbacks = [timer]
+    if args.jit:
+        from nemo_automodel.jit import JitConfig, JitTransform
+
+        callbacks.insert(0, JitTransform(JitConfig(use_torch=True)))
     llm.api.finetune(
         model=model,
         data=data_module(ds, args),
         trainer=nl.Trainer(max_steps=args.warmup + args.steps, log_every_n_steps=10**9, enable_progress_bar=False,
-                           enable_checkpointing=False, callbacks=[timer], seed=SEED),
+                           enable_checkpointing=False, callbacks=callbacks, seed=SEED),
         peft=lora_config() if args.lora else None,
         optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=LR)),
         log=nl.NeMoLogger(log_dir=log_dir, name="ours", tensorboard=False),
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tokens_per_step = args.batch * args.seq
-    mode = "LoRA r8 (7 projections)" if args.lora else "full SFT"
+    mode = ("LoRA r8 (7 projections)" if args.lora else "full SFT") + (", ours with torch.compile" if args.jit else "")
     print(f"Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}, fp32, {mode}, batch "
           f"{args.batch}x{args.seq} = {tokens_per_step} tokens/step, {args.warmup} warm-up + {args.steps} timed "
           f"steps each (interleaved), torch threads={torch.get_num_threads()}, load average "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.models.chunked_ce import fused_lm_head_loss, lean_head_unsupported
 from nemo_automodel.models.loss import masked_cross_entropy
 from nemo_automodel.models.tokenizer import TokenizerAdapter, load_tokenizer
 
@@ -46,12 +47,20 @@ class HFAutoModelForCausalLM:
             the architecture or machine does not support it.
         trust_remote_code: run model code shipped with the checkpoint (off by default).
         model_name: NeMo 25.02 spelling of ``model_id``.
+        use_liger_kernel: on CUDA, patch the model with liger-kernel's Triton kernels (RMSNorm,
+            RoPE, SwiGLU) and use its fused linear cross-entropy (``pip install '.[liger]'``).
+            Triton cannot run on CPU: there a one-line notice is logged and the chunked loss is used.
+        chunked_loss: compute the loss from the final hidden states and the output layer's weight
+            without materializing ``[tokens, vocab]`` logits. True/"auto": cut-cross-entropy on
+            CUDA when installed, else the pure-torch chunked loss; or "torch" / "cce" explicitly.
+        loss_chunk_size: tokens per chunk of the torch chunked loss (default: about 4 M logits per chunk).
     """
 
     def __init__(self, model_id: str | os.PathLike | None = None, load_pretrained_weights: bool = True,
                  tokenizer: str | None = None, torch_dtype: str | torch.dtype = "float32",
                  attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-                 revision: str | None = None, model_name: str | None = None) -> None:
+                 revision: str | None = None, model_name: str | None = None, use_liger_kernel: bool = False,
+                 chunked_loss: bool | str = False, loss_chunk_size: int | None = None) -> None:
         model_id = model_id or model_name
         if isinstance(model_id, os.PathLike):
             model_id = str(model_id)
@@ -64,8 +73,15 @@ class HFAutoModelForCausalLM:
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
         self.revision = revision
+        if chunked_loss not in (False, True, "auto", "torch", "cce"):
+            raise bad_value("chunked_loss", chunked_loss, "True, False, 'auto', 'torch' or 'cce'")
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int)
+                                            or loss_chunk_size < 1):
+            raise bad_value("loss_chunk_size", loss_chunk_size, "a positive number of tokens or None")
+        self.use_liger_kernel, self.chunked_loss, self.loss_chunk_size = use_liger_kernel, chunked_loss, loss_chunk_size
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
+        self._loss_impl: str | None = None  # None: plain logits + masked_cross_entropy
 
     # -- loading -------------------------------------------------------------------------
     @staticmethod
@@ -86,7 +102,24 @@ class HFAutoModelForCausalLM:
         if self.model is None:
             self.model = self._load().to(device)
             self.model.config.use_cache = False
+            self._loss_impl = self._pick_loss_impl(torch.device(device))
         return self.model
+
+    def _pick_loss_impl(self, device: torch.device) -> str | None:
+        """Apply liger-kernel on CUDA and choose how the loss is computed (see the class docstring)."""
+        chunked = self.chunked_loss
+        if self.use_liger_kernel:
+            if device.type == "cuda":
+                return apply_liger_kernel(self.model)
+            log.warning("use_liger_kernel=True needs CUDA (Triton kernels do not run on %s): "
+                        "using the chunked torch loss instead", device.type)
+            chunked = chunked or "torch"
+        if chunked in (True, "auto"):
+            chunked = "cce" if device.type == "cuda" and _importable("cut_cross_entropy") else "torch"
+        if chunked == "cce" and not _importable("cut_cross_entropy"):
+            raise ConfigError("chunked_loss='cce' needs cut-cross-entropy: pip install cut-cross-entropy "
+                              "(or use chunked_loss=True for the pure-torch chunked loss)")
+        return chunked or None
 
     def _load(self) -> torch.nn.Module:
         import transformers
@@ -126,6 +159,16 @@ class HFAutoModelForCausalLM:
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed masked cross-entropy of a micro-batch; the trainer divides by the step's token count."""
+        impl = self._loss_impl
+        if impl is not None and self.model is not None:
+            why = lean_head_unsupported(self.model)
+            if why is None:
+                with fused_lm_head_loss(self.model, batch["labels"], batch["loss_mask"], self.loss_chunk_size,
+                                        impl) as out:
+                    self.forward(module, batch)
+                return out["loss"]
+            log.warning("chunked loss disabled: %s; computing full logits", why)
+            self._loss_impl = None
         return masked_cross_entropy(self.forward(module, batch), batch["labels"], batch["loss_mask"])
 
     # -- saving --------------------------------------------------------------------------
@@ -135,6 +178,23 @@ class HFAutoModelForCausalLM:
         self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         return path
+
+
+def apply_liger_kernel(model: torch.nn.Module) -> str:
+    """Patch ``model`` in place with liger-kernel's Triton kernels; the loss then uses its fused CE."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise ConfigError("use_liger_kernel=True needs liger-kernel: pip install '.[liger]'") from err
+    # the fused CE is called by our loss (token-weighted sum), not through the model's own loss
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    return "liger"
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _first_line(err: BaseException) -> str:

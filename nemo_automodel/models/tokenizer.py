@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from nemo_automodel.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers' tokenizers take ~1 s to import: load them when a job runs, not for --dryrun
+    from transformers import PreTrainedTokenizerBase
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
@@ -13,6 +16,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     When the tokenizer has none, the EOS id is used for padding. That is safe here because the
     loss is masked by ``loss_mask`` (by position), never by token id, so EOS targets stay in the loss.
     """
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:

@@ -1,0 +1,287 @@
+"""Ours vs HF ``transformers.Trainer`` vs TRL ``SFTTrainer`` (packing on) on real chat data.
+
+SmolLM2-135M-Instruct (``assets.smollm2_hf_dir()``), LoRA r16 on the 7 projections, fp32, AdamW
+lr 1e-4, the demo chat data (chatterbot + HumanEval, 33-512 tokens) in SmolLM2's chat template,
+max length 512, about 900 real tokens per optimizer step for everyone (8 padded rows for
+HF Trainer; 2 packed rows of 512 for ours and TRL). Throughput counts non-pad tokens only.
+
+Each framework runs in its own process (TRL lives only in ``.venv-bench/site``, never in
+``.venv``). The processes of a group run in lockstep: the driver lets step k of each worker run
+one after another (the others wait, idle), so load drift on this shared VM hits all of them
+alike. The warm-up steps are dropped; a ratio is the median of the per-step tokens/s ratios
+against the group's first worker; step wall time only (set-up excluded).
+
+    .venv/bin/python benchmarks/peers.py [--steps 3] [--warmup 1] [--groups "ours,hf,trl;ours,ours-bf16"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_SITE = ROOT / ".venv-bench" / "site"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_LEN, LR = 512, 1e-4
+WORKERS = ("ours", "ours-padded", "ours-bf16", "ours-chunked", "hf", "trl")
+
+
+def _rows(args) -> list[list[dict]]:
+    from nemo_automodel.assets import demo_chat_dataset
+
+    n = 8 * (args.warmup + args.steps) * 2  # enough rows for every worker's steps
+    return demo_chat_dataset(limit=n, seed=0)["messages"]
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+# -- workers: each returns (non-pad tokens, seconds) over the timed steps ----------------------
+def _gate() -> None:
+    """In lockstep mode, wait for the driver's go before each step."""
+    if os.environ.get("PEERS_LOCKSTEP"):
+        print("READY", flush=True)
+        sys.stdin.readline()
+
+
+def _report(tokens: int, secs: float) -> None:
+    if os.environ.get("PEERS_LOCKSTEP"):
+        print(f"STEP {tokens} {secs}", flush=True)
+
+
+def run_ours(args, variant: str) -> tuple[int, float]:
+    import datasets
+    import fiddle as fdl
+
+    from nemo_automodel import assets, llm
+    from nemo_automodel import lightning as nl
+
+    packed = variant != "ours-padded"
+    times, seen = [], []
+
+    class Timed(nl.Trainer):
+        def _train_step(self, *a):
+            _gate()
+            t = time.perf_counter()
+            out = super()._train_step(*a)
+            times.append(time.perf_counter() - t)
+            seen.append(out[2])
+            _report(seen[-1], times[-1])
+            return out
+
+    model = llm.HFAutoModelForCausalLM(str(assets.smollm2_hf_dir()), chunked_loss=variant == "ours-chunked")
+    data = llm.HFDatasetDataModule(datasets.Dataset.from_dict({"messages": _rows(args)}), formatting="chat",
+                                   seq_length=MAX_LEN, micro_batch_size=2 if packed else 8,
+                                   packed_sequence_size=MAX_LEN if packed else 0, seed=0)
+    llm.api.finetune(model=model, data=data, peft=llm.peft.LoRA(target_modules=LORA_TARGETS, dim=16, alpha=32),
+                     optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=LR)),
+                     trainer=Timed(max_steps=args.warmup + args.steps, log_every_n_steps=10**9,
+                                   enable_progress_bar=False, enable_checkpointing=False,
+                                   precision="bf16-mixed" if variant == "ours-bf16" else "32"),
+                     log=nl.NeMoLogger(log_dir=args.tmp, name=variant, tensorboard=False))
+    return sum(seen[args.warmup:]), sum(times[args.warmup:])
+
+
+def _hf_model():
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from nemo_automodel import assets
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(assets.smollm2_hf_dir(), attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                             task_type="CAUSAL_LM"), get_peft_model
+
+
+def _timed_trainer(base):
+    """A subclass of an HF trainer class that counts non-pad tokens, and a callback timing each step
+    (``training_step`` + optimizer step); both append to the returned ``seen``/``clock.times``."""
+    import transformers
+
+    seen: list[int] = []
+
+    class Clock(transformers.TrainerCallback):
+        def __init__(self):
+            self.t0, self.times = 0.0, []
+
+        def on_step_begin(self, *a, **k):
+            _gate()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+            _report(seen[-1], self.times[-1])
+
+    class Timed(base):
+        def training_step(self, model, inputs, *a, **k):
+            mask = inputs.get("attention_mask")
+            seen.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, *a, **k)
+
+    return Timed, Clock(), seen
+
+
+def _common_args(args, **kw):
+    return dict(output_dir=args.tmp, max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant",
+                weight_decay=0.0, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
+                dataloader_num_workers=0, disable_tqdm=True, seed=0, **kw)
+
+
+def run_hf(args) -> tuple[int, float]:
+    import datasets
+    import transformers
+
+    model, lora, get_peft_model = _hf_model()
+    tok = transformers.AutoTokenizer.from_pretrained(model.config._name_or_path)
+
+    def encode(msgs):
+        ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=False)[:MAX_LEN]
+        n_prompt = len(tok.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True, return_dict=False))
+        return {"input_ids": ids, "labels": [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]}
+
+    ds = datasets.Dataset.from_list([encode(m) for m in _rows(args)])
+    Timed, clock, seen = _timed_trainer(transformers.Trainer)
+    trainer = Timed(model=get_peft_model(model, lora), train_dataset=ds, callbacks=[clock],
+                    data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
+                    args=transformers.TrainingArguments(**_common_args(args, per_device_train_batch_size=8)))
+    trainer.train()
+    return sum(seen[args.warmup:]), sum(clock.times[args.warmup:])
+
+
+def run_trl(args) -> tuple[int, float]:
+    import datasets
+    import transformers
+    from trl import SFTConfig, SFTTrainer
+
+    model, lora, _ = _hf_model()
+    tok = transformers.AutoTokenizer.from_pretrained(model.config._name_or_path)
+    ds = datasets.Dataset.from_list([{"prompt": m[:1], "completion": m[1:]} for m in _rows(args)])
+    Timed, clock, seen = _timed_trainer(SFTTrainer)
+    cfg = SFTConfig(**_common_args(args, per_device_train_batch_size=2), packing=True, max_length=MAX_LEN,
+                    gradient_checkpointing=False)  # its default is on: slower, and memory is not short here
+    trainer = Timed(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora,
+                    callbacks=[clock])
+    trainer.train()
+    return sum(seen[args.warmup:]), sum(clock.times[args.warmup:])
+
+
+def worker(args) -> None:
+    import tempfile
+
+    import torch
+
+    _quiet()
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        args.tmp = tmp
+        torch.manual_seed(0)
+        fn = {"hf": run_hf, "trl": run_trl}.get(args.worker)
+        tokens, secs = fn(args) if fn else run_ours(args, args.worker)
+    print("RESULT " + json.dumps({"tokens": tokens, "seconds": secs}), flush=True)
+
+
+# -- driver ------------------------------------------------------------------------------
+def _read(proc, prefix: str) -> str | None:
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+    return None
+
+
+def lockstep(names: list[str], args) -> dict[str, list[tuple[int, float]]]:
+    """Start one worker per name, then run step k of every worker one after another, for each k:
+    all frameworks see the same load drift. Returns per-step (tokens, seconds) per worker."""
+    import tempfile
+
+    procs, logs = {}, {}
+    for name in names:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PEERS_LOCKSTEP="1")
+        if name == "trl":
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_SITE), env.get("PYTHONPATH")]))
+        logs[name] = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        procs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=logs[name], text=True)
+    steps: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
+    for _ in range(args.warmup + args.steps):
+        for name, proc in list(procs.items()):
+            if _read(proc, "READY") is None:
+                logs[name].seek(0)
+                print(f"  {name}: failed: {' | '.join(logs[name].read().strip().splitlines()[-3:])}", flush=True)
+                procs.pop(name)
+                continue
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            line = _read(proc, "STEP ")
+            if line is None:
+                procs.pop(name)
+                continue
+            _, tokens, secs = line.split()
+            steps[name].append((int(tokens), float(secs)))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    return {n: v[args.warmup:] for n, v in steps.items() if n in procs}
+
+
+def report(group: list[str], args) -> None:
+    print(f"group {group}: {args.warmup}+{args.steps} steps in lockstep, load {os.getloadavg()[0]:.1f}", flush=True)
+    got = lockstep(group, args)
+    for name, st in got.items():
+        tok, sec = sum(t for t, _ in st), sum(s for _, s in st)
+        print(f"  {name:<13} {tok / sec:8.1f} non-pad tok/s ({tok} tokens in {sec:.1f} s)")
+    labels = {"hf": "HF Trainer (padded)", "trl": "TRL SFTTrainer packing=True", "ours-padded": "ours without packing",
+              "ours-bf16": "ours bf16", "ours-chunked": "ours chunked loss"}
+    ref = group[0]
+    for other in group[1:]:
+        if ref in got and other in got:
+            r = statistics.median((t1 / s1) / (t2 / s2) for (t1, s1), (t2, s2) in zip(got[ref], got[other]))
+            if other in ("ours-bf16", "ours-chunked"):
+                print(f"ratio {labels[other]} ÷ {ref}: {1 / r:.2f} (median of per-step ratios)")
+            else:
+                print(f"ratio {ref} ÷ {labels[other]}: {r:.2f} (median of per-step ratios)")
+    print(f"(load average at the end {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per worker (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--groups", default="ours,hf,trl;ours,ours-padded,ours-bf16",
+                   help=f"';'-separated groups of {WORKERS}, each run in lockstep; ratios vs the first")
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    groups = [[n for n in g.split(",") if n] for g in args.groups.split(";")]
+    if not (BENCH_SITE / "trl").is_dir():
+        print(f"TRL is not installed in {BENCH_SITE} (make bench installs it); skipping it")
+        groups = [[n for n in g if n != "trl"] for g in groups]
+    print(f"SmolLM2-135M LoRA r16, fp32 unless named, demo chat data, {os.cpu_count()} CPUs", flush=True)
+    t0 = time.perf_counter()
+    for group in groups:
+        report(group, args)
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
