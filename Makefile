@@ -37,6 +37,11 @@ lint: $(STAMP)  ## ruff
 bench: $(STAMP)  ## benchmarks (ratios in one run: hand loop, HF Trainer, TRL, MFU, memory) -> benchmarks/RESULTS.md
 	test -d .venv-bench/site/trl || $(PY) -m pip install -q --no-deps --target .venv-bench/site trl==1.16.0
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/dryrun.py
+
+engines:  ## start (installing if needed; root) the local Slurm cluster and dockerd + image the slurm/docker tests use
+	.ci/slurm-up.sh
+	.ci/docker-up.sh
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,6 +3,10 @@
     recipe = finetune_recipe("Qwen/Qwen2.5-0.5B", dataset="data/train.jsonl", formatting="chat")
     run.run(recipe, direct=True)                                  # in this process
     run.run(recipe, executor=run.LocalExecutor(ntasks_per_node=2, launcher="torchrun"))
+
+From the shell (`recipes/cli.py` has the override syntax, executors and sweeps):
+    python recipes/hf_auto_model_for_causal_lm.py model.model_id=Qwen/Qwen2.5-0.5B trainer.max_steps=5 --yes
+    nemo automodel finetune --factory hf_auto_model_for_causal_lm peft=None --dryrun
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def model(model_id: Any, torch_dtype: str = "float32", load_pretrained_weights: 
                       load_pretrained_weights=load_pretrained_weights)
 
 
+@run.cli.factory(target=api.finetune, target_arg="peft", name="lora")
 def lora(dim: int = 16, alpha: float = 32, target_modules: list[str] | None = None) -> run.Config:
     """LoRA on all attention and MLP projections (Megatron aliases resolve per architecture)."""
     return run.Config(LoRA, target_modules=target_modules or LORA_TARGETS, dim=dim, alpha=alpha)
@@ -53,6 +58,7 @@ def logger(dir: str = "nemo_experiments", name: str = "finetune", every_n_train_
                       ckpt=run.Config(ModelCheckpoint, every_n_train_steps=every_n_train_steps))
 
 
+@run.cli.factory(target=api.finetune, name="hf_auto_model_for_causal_lm")
 def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", dataset: Any = "rajpurkar/squad",
                     formatting: str | None = "squad", peft_scheme: str | None = "lora", dir: str = "nemo_experiments",
                     name: str = "finetune", num_nodes: int = 1, num_gpus_per_node: int = 1, max_steps: int = 100,
@@ -74,6 +80,7 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", datas
     )
 
 
+@run.cli.factory(target=api.pretrain, name="hf_auto_model_for_causal_lm")
 def pretrain_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M", dataset: Any = "text.jsonl",
                     dir: str = "nemo_experiments", name: str = "pretrain", max_steps: int = 100,
                     lr: float = 3e-4, seq_length: int = 512, micro_batch_size: int = 4,
@@ -88,3 +95,9 @@ def pretrain_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M", dataset: Any =
         log=logger(dir, name),
         resume=run.Config(AutoResume, resume_if_exists=True),
     )
+
+
+if __name__ == "__main__":  # python recipes/hf_auto_model_for_causal_lm.py model.model_id=… --yes (see recipes/cli.py)
+    from recipes.cli import main
+
+    main(finetune_recipe)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import nemo_run as run
 
-from nemo_automodel import assets
+from nemo_automodel import api, assets
 from recipes import hf_auto_model_for_causal_lm as base
 
 
+@run.cli.factory(target=api.finetune, name="smollm2_135m")
 def finetune_recipe(dir: str = "runs", name: str = "smollm2-lora", peft_scheme: str | None = "lora",
                     max_steps: int = 30, samples: int | None = 800, lr: float | None = None,
                     seq_length: int = 256, micro_batch_size: int = 8, global_batch_size: int = 8,
@@ -23,3 +24,9 @@ def finetune_recipe(dir: str = "runs", name: str = "smollm2-lora", peft_scheme: 
     recipe.data = base.data(run.Config(assets.demo_chat_dataset, limit=samples), "chat", seq_length,
                             micro_batch_size, global_batch_size, packed_sequence_size=packed_sequence_size)
     return recipe
+
+
+if __name__ == "__main__":  # python recipes/smollm2_135m.py trainer.max_steps=5 --yes (see recipes/cli.py)
+    from recipes.cli import main
+
+    main(finetune_recipe)

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Start (or reuse) a single-node Slurm cluster on localhost with accounting (sacct), no systemd.
+#
+#   .ci/slurm-up.sh          install Debian's slurm + mariadb if missing, start what is not running
+#   .ci/slurm-up.sh down     stop the daemons this script started
+#
+# State lives in $NEMO_AUTOMODEL_SLURM_DIR (default /var/tmp/nemo-automodel-ci/slurm); clients
+# need SLURM_CONF=$NEMO_AUTOMODEL_SLURM_DIR/slurm.conf (tests/executors/conftest.py sets it).
+# Idempotent: a second run finds the daemons alive and only waits for `sinfo` to show the node.
+set -euo pipefail
+D="${NEMO_AUTOMODEL_SLURM_DIR:-/var/tmp/nemo-automodel-ci/slurm}"
+export SLURM_CONF="$D/slurm.conf"
+DB_PORT="${NEMO_AUTOMODEL_SLURM_DB_PORT:-3307}"
+log() { echo "[slurm-up] $*" >&2; }
+
+# running and not a zombie (without an init that reaps, a stopped daemon can linger as one)
+alive() { local p; p=$(cat "$D/$1.pid" 2>/dev/null) && [[ -n "$p" ]] && ps -o stat= -p "$p" 2>/dev/null | grep -qv '^Z'; }
+
+if [[ "${1:-}" == down ]]; then
+  for d in slurmd slurmctld slurmdbd mariadb; do
+    if alive "$d"; then
+      kill "$(cat "$D/$d.pid")"
+      for ((i = 0; i < 100; i++)); do alive "$d" || break; sleep 0.2; done
+      log "stopped $d"
+    fi
+  done
+  exit 0
+fi
+
+need=()
+for bin in slurmctld slurmd sbatch slurmdbd mariadbd; do command -v "$bin" >/dev/null || need+=("$bin"); done
+if ((${#need[@]})); then
+  [[ $(id -u) == 0 ]] || { log "missing ${need[*]} and not root: cannot apt-get install"; exit 1; }
+  log "installing slurmctld slurmd slurm-client slurmdbd mariadb-server"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq slurmctld slurmd slurm-client slurmdbd mariadb-server >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client slurmdbd mariadb-server >/dev/null; }
+fi
+
+mkdir -p "$D"/{state,spool,log,gres}
+touch "$D/gres/nvidia0" "$D/gres/nvidia1"   # fake GPU device files: lets --gpus-per-node be scheduled
+mem_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 2048))
+
+cat >"$D/slurm.conf" <<EOF
+ClusterName=localcluster
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+StateSaveLocation=$D/state
+SlurmdSpoolDir=$D/spool
+SlurmctldPidFile=$D/slurmctld.pid
+SlurmdPidFile=$D/slurmd.pid
+SlurmctldLogFile=$D/log/slurmctld.log
+SlurmdLogFile=$D/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+MpiDefault=none
+ReturnToService=2
+EnforcePartLimits=ALL
+SlurmdParameters=config_overrides
+GresTypes=gpu
+NodeName=localhost CPUs=4 RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+echo "Name=gpu File=$D/gres/nvidia[0-1]" >"$D/gres.conf"
+cat >"$D/slurmdbd.conf" <<EOF
+AuthType=auth/none
+DbdHost=localhost
+SlurmUser=root
+PidFile=$D/slurmdbd.pid
+LogFile=$D/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=root
+StorageLoc=slurm_acct_db
+EOF
+chmod 600 "$D/slurmdbd.conf"
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+  local n=$(($1 * 5)) what=$2; shift 2
+  for ((i = 0; i < n; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  log "timed out waiting for $what"; return 1
+}
+
+if ! alive mariadb; then
+  if [[ ! -d "$D/mysql/mysql" ]]; then
+    log "initialising MariaDB in $D/mysql"
+    mariadb-install-db --no-defaults --user=root --datadir="$D/mysql" --auth-root-authentication-method=normal >"$D/log/mariadb-install.log" 2>&1
+  fi
+  log "starting mariadbd on 127.0.0.1:$DB_PORT"
+  setsid mariadbd --no-defaults --user=root --datadir="$D/mysql" --port="$DB_PORT" --bind-address=127.0.0.1 \
+    --socket="$D/mysqld.sock" --pid-file="$D/mariadb.pid" --skip-grant-tables \
+    --log-error="$D/log/mariadb.log" </dev/null >/dev/null 2>&1 &
+  wait_for 30 mariadb bash -c "exec 3<>/dev/tcp/127.0.0.1/$DB_PORT"
+fi
+if ! alive slurmdbd; then
+  log "starting slurmdbd"
+  setsid slurmdbd -D </dev/null >>"$D/log/slurmdbd.out" 2>&1 &
+  echo $! >"$D/slurmdbd.pid"
+  wait_for 30 slurmdbd bash -c "exec 3<>/dev/tcp/127.0.0.1/6819"
+fi
+if ! alive slurmctld; then
+  log "starting slurmctld"
+  setsid slurmctld -D </dev/null >>"$D/log/slurmctld.out" 2>&1 &
+  echo $! >"$D/slurmctld.pid"
+  wait_for 30 slurmctld scontrol ping
+fi
+if ! alive slurmd; then
+  log "starting slurmd"
+  setsid slurmd -D -N localhost </dev/null >>"$D/log/slurmd.out" 2>&1 &
+  echo $! >"$D/slurmd.pid"
+fi
+node_up() { sinfo -h -N -o '%T' | grep -qE '^(idle|mixed|allocated)'; }
+wait_for 30 "node idle" node_up || { scontrol update nodename=localhost state=resume || true; wait_for 15 "node idle" node_up; }
+wait_for 30 "sacct (slurmdbd registration)" sacct -n -X -S now-1minute
+log "up: SLURM_CONF=$SLURM_CONF ($(sinfo -h -o '%P %D %T %C'))"

@@ -1,0 +1,34 @@
+"""`local`: run a recipe as a subprocess on this machine, optionally under torchrun."""
+
+# NeMo-Run's CLI parser reads these signatures and knows typing.Optional/Union, not `X | None`.
+# ruff: noqa: UP007, UP045
+from typing import Optional
+
+import nemo_run as run
+
+from executors.env import job_env
+from nemo_automodel.errors import bad_value
+
+
+def local(ntasks_per_node: int = 1, launcher: Optional[str] = "auto", env_vars: Optional[dict[str, str]] = None,
+          retries: int = 0) -> run.LocalExecutor:
+    """A `run.LocalExecutor` that runs the job with this venv's Python.
+
+    Args:
+        ntasks_per_node: processes to start (one per GPU, or CPU ranks with gloo).
+        launcher: ``"torchrun"``, ``None`` (plain ``python``), or ``"auto"``: torchrun when
+            ``ntasks_per_node > 1``. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK for the strategy.
+        env_vars: extra environment variables; ``PATH`` already starts with this venv's ``bin``.
+        retries: how often NeMo-Run relaunches a failed job.
+
+    The job's working directory is the launcher's; logs go to
+    ``$NEMORUN_HOME/experiments/<title>/<id>/<task>/`` (``~/.nemo_run`` by default).
+    """
+    if ntasks_per_node < 1:
+        raise bad_value("ntasks_per_node", ntasks_per_node, "use 1 or more")
+    if launcher == "auto":
+        launcher = "torchrun" if ntasks_per_node > 1 else None
+    if launcher not in (None, "torchrun"):
+        raise bad_value("launcher", launcher, "use 'torchrun', None or 'auto'")
+    return run.LocalExecutor(ntasks_per_node=ntasks_per_node, launcher=launcher, env_vars=job_env(env_vars),
+                             retries=retries)

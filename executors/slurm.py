@@ -1,0 +1,98 @@
+"""`slurm`: submit a recipe with sbatch, from a login node (LocalTunnel) or over SSH (SSHTunnel)."""
+
+# NeMo-Run's CLI parser reads these signatures and knows typing.Optional/Union, not `X | None`.
+# ruff: noqa: UP007, UP045
+import os
+import re
+import shlex
+from typing import Any, Optional, Union
+
+import nemo_run as run
+from nemo_run.config import get_nemorun_home
+
+from executors.env import job_env, venv_bin
+from nemo_automodel.errors import bad_value
+
+_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_.,+-]+$")  # sbatch values that also land in shell lines (log paths)
+
+
+def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1, ntasks_per_node: Optional[int] = None,
+          gpus_per_node: Optional[int] = None, time: str = "00:30:00", mem: Optional[str] = None,
+          launcher: Optional[str] = "auto", container_image: Optional[str] = None, container_mounts: Optional[list[str]] = None,
+          tunnel: str = "local", host: Optional[str] = None, user: Optional[str] = None, remote_job_dir: Optional[str] = None,
+          identity: Optional[str] = None, packager: Union[str, run.Packager] = "none", python_bin: Optional[str] = None,
+          env_vars: Optional[dict[str, str]] = None, setup_lines: Optional[str] = None, qos: Optional[str] = None,
+          exclusive: Optional[bool] = None, job_name_prefix: Optional[str] = None,
+          additional_parameters: Optional[dict[str, Any]] = None) -> run.SlurmExecutor:
+    """A `run.SlurmExecutor`.
+
+    Args:
+        account, partition, qos: passed to ``sbatch`` as is.
+        nodes: nodes to allocate. ``ntasks_per_node`` defaults to ``gpus_per_node`` (or 1).
+        gpus_per_node: ``--gpus-per-node``; the cluster must declare GPUs (``Gres=gpu:N``).
+        time: wall-clock limit ``[D-]HH:MM:SS``; a job past it ends TIMEOUT (reported as failed).
+        mem: memory per node (``"64G"``); more than the node has is refused at submit time.
+        launcher: ``"torchrun"``, ``None`` (srun starts ``ntasks_per_node`` copies that all think
+            they are rank 0), or ``"auto"``: torchrun when there is more than one process. With
+            torchrun NeMo-Run asks Slurm for one task per node and starts ``--nproc-per-node``.
+        container_image, container_mounts: need the pyxis/enroot plugin on the cluster.
+        tunnel: ``"local"`` (this machine can run sbatch; job files stay in
+            ``$NEMORUN_HOME/experiments``) or ``"ssh"`` (``host``, ``user``, ``remote_job_dir``
+            and ``identity``, a private-key file).
+        packager: ``"none"`` (the cluster already has this code, e.g. a shared filesystem or a
+            container), ``"git"`` (``git archive HEAD``: committed code only, unpacked in
+            ``<task>/code``) or any `run.Packager`.
+        python_bin: the ``bin`` folder, on the cluster, of a Python with nemo_run and this package;
+            it leads ``PATH``. Defaults to this venv's (right for a shared filesystem).
+        env_vars: extra environment variables; ``setup_lines``: shell lines run before the job
+            (``module load …``, ``source …/activate``).
+        exclusive, job_name_prefix, additional_parameters: more ``sbatch`` options.
+    """
+    for field, value in (("nodes", nodes), ("ntasks_per_node", ntasks_per_node), ("gpus_per_node", gpus_per_node)):
+        if value is not None and value < 1:
+            raise bad_value(field, value, "use 1 or more")
+    for field, value in (("account", account), ("partition", partition), ("qos", qos), ("mem", mem),
+                         ("job_name_prefix", job_name_prefix)):
+        if value is not None and not _PLAIN.match(str(value)):
+            raise bad_value(field, value, "use letters, digits and . _ , + - only")
+    for key, value in (additional_parameters or {}).items():
+        if "\n" in f"{key}{value}":
+            raise bad_value(f"additional_parameters[{key!r}]", value, "no newlines")
+    if not _TIME.match(time):
+        raise bad_value("time", time, "use [D-]HH:MM:SS, e.g. '00:30:00' or '1-00:00:00'")
+    ntasks = ntasks_per_node or gpus_per_node or 1
+    if launcher == "auto":
+        launcher = "torchrun" if ntasks > 1 or nodes > 1 else None
+    if launcher not in (None, "torchrun"):
+        raise bad_value("launcher", launcher, "use 'torchrun', None or 'auto'")
+    if tunnel == "local":
+        if host or remote_job_dir:
+            raise bad_value("tunnel", tunnel, "host/remote_job_dir need tunnel='ssh'")
+        # sbatch must find the job files where the experiment writes them
+        tun = run.LocalTunnel(job_dir=os.path.join(get_nemorun_home(), "experiments"))
+    elif tunnel == "ssh":
+        if not (host and remote_job_dir):
+            raise bad_value("tunnel", tunnel, "'ssh' needs host=… and remote_job_dir=… (and user, identity)")
+        tun = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=remote_job_dir,
+                            identity=identity)
+    else:
+        raise bad_value("tunnel", tunnel, "use 'local' or 'ssh'")
+    if packager == "none":
+        pkg: run.Packager = run.Packager()
+    elif packager == "git":
+        pkg = run.GitArchivePackager()
+    elif isinstance(packager, run.Packager):
+        pkg = packager
+    else:
+        raise bad_value("packager", packager, "use 'none', 'git' or a run.Packager")
+    # NeMo-Run writes `export KEY=value` lines into the sbatch script unquoted: quote every value.
+    env = {k: shlex.quote(v) for k, v in job_env(env_vars).items()}
+    if python_bin or tunnel == "ssh":
+        env["PATH"] = shlex.quote(python_bin or venv_bin()) + ':"$PATH"'  # $PATH of the cluster node
+    return run.SlurmExecutor(account=account, partition=partition, nodes=nodes, ntasks_per_node=ntasks,
+                             gpus_per_node=gpus_per_node, time=time, mem=mem, launcher=launcher,
+                             container_image=container_image, container_mounts=list(container_mounts or []),
+                             tunnel=tun, packager=pkg, env_vars=env, setup_lines=setup_lines, qos=qos,
+                             exclusive=exclusive, job_name_prefix=job_name_prefix,
+                             additional_parameters=additional_parameters)
