@@ -7,7 +7,7 @@ from typing import Optional
 
 import nemo_run as run
 
-from executors.env import job_env, python_roots
+from executors.env import job_env, python_roots, resolve_launcher
 from nemo_automodel.errors import bad_value
 
 DEFAULT_IMAGE = os.environ.get("NEMO_AUTOMODEL_DOCKER_IMAGE", "nemo-automodel-ci:bookworm")
@@ -38,12 +38,7 @@ def docker(image: str = DEFAULT_IMAGE, ntasks_per_node: int = 1, launcher: Optio
 
     The task directory is mounted at ``/nemo_run`` and the job starts in ``/nemo_run/code``.
     """
-    if ntasks_per_node < 1:
-        raise bad_value("ntasks_per_node", ntasks_per_node, "use 1 or more")
-    if launcher == "auto":
-        launcher = "torchrun" if ntasks_per_node > 1 else None
-    if launcher not in (None, "torchrun"):
-        raise bad_value("launcher", launcher, "use 'torchrun', None or 'auto'")
+    launcher = resolve_launcher(ntasks_per_node, launcher)
     if network == "none":
         raise bad_value("network", network, "NeMo-Run cannot use 'none': use 'host', 'bridge' or an --internal network")
     volumes = [f"{p}:{p}:ro" for p in python_roots()] if mount_host_python else []

@@ -54,3 +54,14 @@ def python_roots() -> list[str]:
     # drop folders already inside another mounted folder
     ordered = sorted(roots, key=len)
     return [r for i, r in enumerate(ordered) if not any(r.startswith(p.rstrip("/") + "/") for p in ordered[:i])]
+
+
+def resolve_launcher(ntasks_per_node: int, launcher: str | None, multi: bool | None = None) -> str | None:
+    """Validate ``ntasks_per_node`` and turn ``launcher='auto'`` into torchrun when several ranks run."""
+    if ntasks_per_node < 1:
+        raise bad_value("ntasks_per_node", ntasks_per_node, "use 1 or more")
+    if launcher == "auto":
+        launcher = "torchrun" if (ntasks_per_node > 1 if multi is None else multi) else None
+    if launcher not in (None, "torchrun"):
+        raise bad_value("launcher", launcher, "use 'torchrun', None or 'auto'")
+    return launcher

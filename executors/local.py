@@ -6,8 +6,7 @@ from typing import Optional
 
 import nemo_run as run
 
-from executors.env import job_env
-from nemo_automodel.errors import bad_value
+from executors.env import job_env, resolve_launcher
 
 
 def local(ntasks_per_node: int = 1, launcher: Optional[str] = "auto", env_vars: Optional[dict[str, str]] = None,
@@ -24,11 +23,6 @@ def local(ntasks_per_node: int = 1, launcher: Optional[str] = "auto", env_vars: 
     The job's working directory is the launcher's; logs go to
     ``$NEMORUN_HOME/experiments/<title>/<id>/<task>/`` (``~/.nemo_run`` by default).
     """
-    if ntasks_per_node < 1:
-        raise bad_value("ntasks_per_node", ntasks_per_node, "use 1 or more")
-    if launcher == "auto":
-        launcher = "torchrun" if ntasks_per_node > 1 else None
-    if launcher not in (None, "torchrun"):
-        raise bad_value("launcher", launcher, "use 'torchrun', None or 'auto'")
+    launcher = resolve_launcher(ntasks_per_node, launcher)
     return run.LocalExecutor(ntasks_per_node=ntasks_per_node, launcher=launcher, env_vars=job_env(env_vars),
                              retries=retries)

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 import nemo_run as run
 from nemo_run.config import get_nemorun_home
 
-from executors.env import job_env, venv_bin
+from executors.env import job_env, resolve_launcher, venv_bin
 from nemo_automodel.errors import bad_value
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
@@ -62,10 +62,7 @@ def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1
     if not _TIME.match(time):
         raise bad_value("time", time, "use [D-]HH:MM:SS, e.g. '00:30:00' or '1-00:00:00'")
     ntasks = ntasks_per_node or gpus_per_node or 1
-    if launcher == "auto":
-        launcher = "torchrun" if ntasks > 1 or nodes > 1 else None
-    if launcher not in (None, "torchrun"):
-        raise bad_value("launcher", launcher, "use 'torchrun', None or 'auto'")
+    launcher = resolve_launcher(ntasks, launcher, multi=ntasks > 1 or nodes > 1)
     if tunnel == "local":
         if host or remote_job_dir:
             raise bad_value("tunnel", tunnel, "host/remote_job_dir need tunnel='ssh'")
