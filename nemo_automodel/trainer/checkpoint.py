@@ -106,15 +106,15 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
     strategy.barrier()
 
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"),
-             no_dist=not strategy.is_distributed)
+    dcp.save({"model": model_sd, "optim": optim_sd}, **_dcp_target(tmp, strategy))
     torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": _rng_state()},
                tmp / f"trainer-rank{strategy.rank}.pt")
     export_hf(tmp, model=model, module=module, strategy=strategy)
     strategy.barrier()
 
     if strategy.rank == 0:
-        meta = {"step": step, "world_size": strategy.world_size, "peft": is_peft(model.model),
+        meta = {"step": step, "world_size": strategy.world_size, "dp_size": strategy.dp_size,
+                "tensor_parallel": _tensor_parallel(strategy), "peft": is_peft(model.model),
                 "micro_batch_size": getattr(data, "micro_batch_size", None), "preempted": preempted,
                 "saved_at": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics or {}}
         _fsync_tree(tmp)
@@ -176,6 +176,18 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _tensor_parallel(strategy) -> int:
+    return getattr(strategy, "tensor_model_parallel_size", 1)
+
+
+def _dcp_target(ckpt: Path, strategy) -> dict:
+    """Where this rank's DCP state goes: ``state/`` (or ``state/tpNN/`` per tensor-parallel rank)."""
+    sub, group = strategy.checkpoint_shard()
+    if group is not None:
+        return {"checkpoint_id": str(ckpt / "state" / sub), "process_group": group}
+    return {"checkpoint_id": str(ckpt / "state"), "no_dist": not strategy.is_distributed}
+
+
 def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy) -> int:
     """Restore params, optimizer, scheduler, data position and RNG; returns the step to continue from.
 
@@ -186,9 +198,12 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     """
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    if meta.get("tensor_parallel", 1) != _tensor_parallel(strategy):
+        raise ConfigError(f"{path} was saved with tensor_model_parallel_size={meta.get('tensor_parallel', 1)}, this "
+                          f"run uses {_tensor_parallel(strategy)}: resume with the same tensor-parallel size")
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "state"), no_dist=not strategy.is_distributed)
+    dcp.load(state, **_dcp_target(path, strategy))
     # strict=False: frozen base weights are not in the checkpoint, they come from the pretrained model
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(strict=False))
@@ -199,7 +214,7 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
         data.load_state_dict(trainer_state["data"])
         _set_rng_state(trainer_state["rng"])
     else:
-        data.load_state_dict(_reshard_data_position(trainer_state["data"], meta, data, strategy.world_size))
+        data.load_state_dict(_reshard_data_position(trainer_state["data"], meta, data, strategy.dp_size))
     return int(meta["step"])
 
 
@@ -207,7 +222,7 @@ def _reshard_data_position(saved: dict, meta: dict, data, world_size: int) -> di
     """Map a per-rank data position saved on ``meta['world_size']`` ranks onto ``world_size`` ranks."""
     epoch, batch = int(saved.get("epoch", 0)), int(saved.get("batch_in_epoch", 0))
     old_mbs, new_mbs = meta.get("micro_batch_size"), getattr(data, "micro_batch_size", None)
-    rows = batch * old_mbs * meta["world_size"] if old_mbs else None
+    rows = batch * old_mbs * meta.get("dp_size", meta["world_size"]) if old_mbs else None
     if rows is not None and new_mbs and rows % (new_mbs * world_size) == 0:
         log.warning("resuming step %d saved on %d ranks with %d: weights, optimizer, schedule and data position "
                     "carry over; RNG streams are reseeded", meta["step"], meta["world_size"], world_size)

@@ -31,6 +31,8 @@ def is_peft(hf_model: torch.nn.Module) -> bool:
 
 def export_hf(out: Path, *, model, module: torch.nn.Module, strategy) -> Path:
     """Write ``out/model`` (full SFT) or ``out/hf_adapter`` (LoRA) from every rank; returns the folder."""
+    if hasattr(model, "export_hf"):  # a non-HF backend converts to HF layout itself (Megatron)
+        return model.export_hf(out, module=module, strategy=strategy)
     hf_model = model.model
     peft = is_peft(hf_model)
     target = Path(out) / ("hf_adapter" if peft else "model")

@@ -52,6 +52,17 @@ class SingleDeviceStrategy:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    # data parallelism: every rank is a replica here; MegatronStrategy narrows it to its DP group
+    dp_group = None
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
     def wrap(self, module: torch.nn.Module, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
         return module
 
@@ -59,11 +70,19 @@ class SingleDeviceStrategy:
         """Context for one micro-batch's backward; ``sync=False`` skips the gradient all-reduce."""
         return contextlib.nullcontext()
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks (in place) and return it."""
+    def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
+        """Sum ``tensor`` (in place) over the data-parallel replicas, or over all ranks with ``world``."""
         if self.is_distributed:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, group=None if world else self.dp_group)
         return tensor
+
+    def clip_grad_norm(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the trainable parameters' gradients to a global norm of ``max_norm``."""
+        return torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
+
+    def checkpoint_shard(self) -> tuple[str, object]:
+        """(sub-folder, process group) of this rank's DCP state: one folder for all ranks here."""
+        return "", None
 
     def barrier(self) -> None:
         if self.is_distributed:

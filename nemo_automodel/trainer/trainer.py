@@ -89,17 +89,19 @@ class Trainer:
         self.global_step = 0
         self.run_dir: Path | None = None
         self._stop_requested = False
+        self._clip = gradient_clip_val
 
     # -- setup ---------------------------------------------------------------------------
     def _setup(self, model, data, peft, optim):
         if self._strategy_arg in (None, "auto"):
             self.strategy = resolve_strategy(self._strategy_arg)
+        torch.manual_seed(self.seed)  # before setup: Megatron derives its model-parallel RNG streams from it
         self.strategy.setup(self.accelerator)
         torch.manual_seed(self.seed)
         hf_model = model.configure_model(self.strategy.device)
         if peft is not None:
             model.model = hf_model = peft.apply(hf_model)
-        data.setup(model.tokenizer, dp_rank=self.strategy.rank, dp_size=self.strategy.world_size)
+        data.setup(model.tokenizer, dp_rank=self.strategy.dp_rank, dp_size=self.strategy.dp_size)
         accum = self._accumulation(data)
         module = self.strategy.wrap(hf_model, mixed_precision=self.autocast_dtype)
         max_steps = self.max_steps
@@ -110,6 +112,7 @@ class Trainer:
                                   f"fewer than one optimizer step ({accum}): use more data or smaller batches")
             max_steps = per_epoch * self.max_epochs
         optim = optim or _default_optim()
+        self._clip = self.gradient_clip_val or getattr(optim, "clip_grad", None)  # Megatron's OptimizerConfig
         optimizer, scheduler = optim.build((p for p in module.parameters() if p.requires_grad), max_steps)
         return module, optimizer, scheduler, accum, max_steps
 
@@ -205,7 +208,7 @@ class Trainer:
         n_tokens = self.strategy.all_reduce(sum(b["loss_mask"].sum() for b in micro).to(torch.float64)).item()
         if n_tokens == 0:
             raise ConfigError("a training step has no loss tokens (every label is masked): check loss_mask/formatting")
-        scale = self.strategy.world_size / n_tokens  # DDP/FSDP average gradients over ranks
+        scale = self.strategy.dp_size / n_tokens  # DDP/FSDP average gradients over the replicas
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro):
             # DDP: all-reduce gradients only on the last micro-batch (no_sync before it)
@@ -214,8 +217,8 @@ class Trainer:
                     loss_sum = model.loss(module, batch)
                 (loss_sum * scale).backward()
             total += loss_sum.detach().to(torch.float64)
-        if self.gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.gradient_clip_val)
+        if self._clip:
+            self.strategy.clip_grad_norm(module, self._clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -264,7 +267,7 @@ class Trainer:
     def _sigterm_agreed(self) -> bool:
         """True on every rank once any rank got SIGTERM (so all ranks checkpoint together)."""
         flag = torch.tensor([float(self._stop_requested)], device=self.strategy.device)
-        return bool(self.strategy.all_reduce(flag).item() > 0)
+        return bool(self.strategy.all_reduce(flag, world=True).item() > 0)
 
 
 def _default_optim():
