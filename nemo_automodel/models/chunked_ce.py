@@ -98,6 +98,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y, m = labels.reshape(-1), loss_mask.reshape(-1)
+    if impl == "cce" and h.is_cuda and torch.is_autocast_enabled("cuda") and h.dtype == torch.float32:
+        dtype = torch.get_autocast_dtype("cuda")  # what autocast gives the logits matmul anyway
+        h, weight = h.to(dtype), weight.to(dtype)
+    if impl == "cce" and (bias is not None or (h.is_cuda and h.dtype == torch.float32)):
+        # cut-cross-entropy 25.1.1 has no bias term and its CUDA backward needs bf16/fp16 inputs
+        # (both seen on an H200): the chunked torch loss computes the same loss there
+        impl = "torch"
     if impl == "torch":
         chunk = chunk_size or auto_chunk_size(weight.shape[0])
         dtype = _compute_dtype(h.device.type, h.dtype)
@@ -107,7 +114,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         from cut_cross_entropy import linear_cross_entropy as cce
 
         kw = {} if h.is_cuda else {"impl": "torch_compile"}  # CCE's Triton kernel needs CUDA
-        return cce(h, weight, targets, bias=bias, ignore_index=-100, reduction="sum", **kw).float()
+        return cce(h, weight, targets, ignore_index=-100, reduction="sum", **kw).float()
     if impl == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 

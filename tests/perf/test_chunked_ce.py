@@ -113,22 +113,6 @@ def test_liger_on_cpu_falls_back_to_chunked(tiny_llama, caplog):
     assert _rel(model.loss(model.model, batch), plain) < 1e-5
 
 
-@pytest.mark.gpu
-def test_liger_on_cuda(tiny_llama):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("liger_kernel", reason="liger-kernel not installed (pip install '.[liger]')")
-    model = llm.HFAutoModelForCausalLM(str(tiny_llama), use_liger_kernel=True)
-    module = model.configure_model("cuda")
-    assert model._loss_impl == "liger"
-    ids = torch.randint(0, 1000, (2, 32), device="cuda")
-    batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "loss_mask": torch.ones(2, 32, device="cuda")}
-    got = model.loss(module, batch)
-    plain = masked_cross_entropy(model.forward(module, batch), batch["labels"], batch["loss_mask"])
-    got.backward()
-    assert _rel(got.detach(), plain.detach()) < 1e-3
-
-
 def test_bad_options_fail_in_one_line():
     from nemo_automodel.errors import ConfigError
     from nemo_automodel.models import HFAutoModelForCausalLM
