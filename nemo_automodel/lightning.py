@@ -1,5 +1,7 @@
 """The ``nl`` namespace of NeMo scripts: ``from nemo_automodel import lightning as nl``."""
 
+from nemo_automodel.megatron.optim import MegatronOptimizerModule
+from nemo_automodel.megatron.strategy import MegatronStrategy
 from nemo_automodel.trainer import (
     PREEMPTED_EXIT_CODE,
     AutoResume,
@@ -11,5 +13,5 @@ from nemo_automodel.trainer import (
     Trainer,
 )
 
-__all__ = ["PREEMPTED_EXIT_CODE", "AutoResume", "DDPStrategy", "FSDP2Strategy", "ModelCheckpoint",
-           "NeMoLogger", "SingleDeviceStrategy", "Trainer"]
+__all__ = ["PREEMPTED_EXIT_CODE", "AutoResume", "DDPStrategy", "FSDP2Strategy", "MegatronOptimizerModule",
+           "MegatronStrategy", "ModelCheckpoint", "NeMoLogger", "SingleDeviceStrategy", "Trainer"]

@@ -80,6 +80,22 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", datas
     )
 
 
+@run.cli.factory(target=api.finetune, name="hf_auto_model_for_causal_lm_megatron")
+def megatron_finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", dataset: Any = "rajpurkar/squad",
+                             formatting: str | None = "squad", peft_scheme: str | None = "lora",
+                             tensor_parallel: int = 1, dir: str = "nemo_experiments", name: str = "finetune",
+                             num_gpus_per_node: int = 1, max_steps: int = 100, lr: float | None = None,
+                             seq_length: int = 512, micro_batch_size: int = 4, global_batch_size: int = 8) -> run.Partial:
+    """`finetune_recipe` moved to Megatron-Core (same weights, optimizer, data): see nemo_automodel.backend."""
+    from nemo_automodel.backend import to_megatron
+
+    recipe = finetune_recipe(model_id=model_id, dataset=dataset, formatting=formatting, peft_scheme=peft_scheme,
+                             dir=dir, name=name, num_gpus_per_node=num_gpus_per_node, max_steps=max_steps, lr=lr,
+                             seq_length=seq_length, micro_batch_size=micro_batch_size,
+                             global_batch_size=global_batch_size)
+    return to_megatron(recipe, tensor_parallel=tensor_parallel)
+
+
 @run.cli.factory(target=api.pretrain, name="hf_auto_model_for_causal_lm")
 def pretrain_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M", dataset: Any = "text.jsonl",
                     dir: str = "nemo_experiments", name: str = "pretrain", max_steps: int = 100,

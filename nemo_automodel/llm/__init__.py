@@ -2,7 +2,18 @@
 
 from nemo_automodel.data import ChatHFDataModule, HFDatasetDataModule, SquadHFDataModule
 from nemo_automodel.llm import adam, api, peft
+from nemo_automodel.megatron import (
+    GPTConfig,
+    Llama32Config1B,
+    Llama32Config3B,
+    LlamaModel,
+    MistralConfig7B,
+    MistralModel,
+    Qwen2Model,
+    Qwen25Config500M,
+)
 from nemo_automodel.models import HFAutoModelForCausalLM
 
-__all__ = ["ChatHFDataModule", "HFAutoModelForCausalLM", "HFDatasetDataModule", "SquadHFDataModule",
-           "adam", "api", "peft"]
+__all__ = ["ChatHFDataModule", "GPTConfig", "HFAutoModelForCausalLM", "HFDatasetDataModule", "Llama32Config1B",
+           "Llama32Config3B", "LlamaModel", "MistralConfig7B", "MistralModel", "Qwen25Config500M", "Qwen2Model",
+           "SquadHFDataModule", "adam", "api", "peft"]

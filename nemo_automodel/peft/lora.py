@@ -43,6 +43,13 @@ class LoRA:
         """Wrap ``model`` in a peft ``PeftModel`` with only the adapters trainable."""
         from peft import LoraConfig, get_peft_model
 
+        from nemo_automodel.megatron.lora import is_megatron_model
+
+        if is_megatron_model(model):  # same target list, resolved onto Megatron's fused layers
+            from nemo_automodel.megatron.lora import apply_megatron_lora, resolve_megatron_targets
+
+            names = resolve_megatron_targets(model, self.target_modules, self.exclude_modules)
+            return apply_megatron_lora(model, names, self.dim, self.alpha, self.dropout)
         names = resolve_target_modules(model, self.target_modules, self.exclude_modules)
         config = LoraConfig(r=self.dim, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=names, bias="none", task_type="CAUSAL_LM")

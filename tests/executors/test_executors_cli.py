@@ -119,3 +119,12 @@ def test_the_nemo_command_finds_our_entry_points(tmp_path):
     assert "max_steps=5" in proc.stdout and "#SBATCH --nodes=2" in proc.stdout
     proc = run_cli("--factory", "nope", "--dryrun", exe=nemo, cwd=tmp_path)
     assert proc.returncode == 2 and "error: --factory 'nope' is unknown" in proc.stderr, explain(proc)
+
+
+def test_megatron_factory_dryrun_shows_the_swapped_graph(monkeypatch, capsys):
+    pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
+    code, out, err = cli(monkeypatch, capsys, "--factory",
+                         "hf_auto_model_for_causal_lm_megatron(tensor_parallel=2, num_gpus_per_node=2)",
+                         "optim.config.lr=3e-4", "--dryrun")
+    assert code == 0, err
+    assert "MegatronGPTModel(" in out and "tensor_model_parallel_size=2" in out and "lr=0.0003" in out

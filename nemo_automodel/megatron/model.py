@@ -1,0 +1,244 @@
+"""`MegatronGPTModel`: a Megatron-Core ``GPTModel`` built from a HF model id, weights converted on load.
+
+Nothing is read until `configure_model` (which runs where the job runs, after
+`MegatronStrategy.setup`): the HF config gives the architecture (`gpt_config_from_hf`), the HF
+weights are loaded with transformers, converted (`convert.hf_to_megatron`) and each rank keeps
+its tensor-parallel slices. `export_hf` writes the trained model back as a HF folder or a PEFT
+adapter that transformers/peft/vLLM load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.megatron import convert
+from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
+from nemo_automodel.megatron.strategy import import_megatron
+from nemo_automodel.models.hf_causal_lm import resolve_dtype
+from nemo_automodel.models.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class MegatronGPTModel:
+    """A Llama/Mistral/Qwen2-family model on Megatron-Core, from ``model_id`` and/or a `GPTConfig`.
+
+    Args:
+        model_id: Hub id or local folder of the HF checkpoint (architecture, weights, tokenizer).
+        config: architecture; default: derived from ``model_id``'s config.json.
+        load_pretrained_weights: False builds Megatron's random initialisation.
+        tokenizer: tokenizer id/folder if it differs from ``model_id``.
+        torch_dtype: parameter dtype. revision, trust_remote_code: as for transformers.
+    """
+
+    def __init__(self, model_id: str | os.PathLike | None = None, config: GPTConfig | None = None,
+                 load_pretrained_weights: bool = True, tokenizer: str | None = None,
+                 torch_dtype: str | torch.dtype = "float32", revision: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        if isinstance(model_id, os.PathLike):
+            model_id = str(model_id)
+        if model_id is None and config is None:
+            raise bad_value("model_id", None, "pass a HF model id/folder, a GPTConfig, or both")
+        if model_id is None and load_pretrained_weights:
+            load_pretrained_weights = False  # a bare architecture (NeMo's LlamaModel(config)) starts random
+        self.model_id, self.config = model_id, config
+        self.load_pretrained_weights = load_pretrained_weights
+        self.tokenizer_id = tokenizer or model_id
+        self.dtype = resolve_dtype(torch_dtype)
+        self.revision, self.trust_remote_code = revision, trust_remote_code
+        self.model: torch.nn.Module | None = None
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.tokenizer_id is None:
+                raise ConfigError("MegatronGPTModel(config=...) without model_id needs tokenizer=<id or folder>")
+            self._tokenizer = load_tokenizer(self.tokenizer_id, trust_remote_code=self.trust_remote_code,
+                                             revision=self.revision)
+        return self._tokenizer
+
+    # -- building --------------------------------------------------------------------------
+    def _hf_config(self):
+        import transformers
+
+        try:
+            return transformers.AutoConfig.from_pretrained(self.model_id, revision=self.revision,
+                                                           trust_remote_code=self.trust_remote_code)
+        except OSError as err:
+            raise ConfigError(f"model_id={self.model_id!r} has no readable config.json: {err}") from err
+
+    def configure_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """Build this rank's slice of the model on ``device`` (needs `MegatronStrategy.setup` first)."""
+        if self.model is not None:
+            return self.model
+        parallel_state, _ = import_megatron()
+        if not parallel_state.model_parallel_is_initialized():
+            raise ConfigError("MegatronGPTModel needs trainer strategy=MegatronStrategy(...) "
+                              "(use nemo_automodel.backend.to_megatron on an AutoModel recipe)")
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        if self.config is None:
+            self.config = gpt_config_from_hf(self._hf_config())
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.config.check_tensor_parallel(tp)
+        tcfg = self.config.transformer_config(tensor_model_parallel_size=tp, params_dtype=self.dtype,
+                                              bf16=self.dtype == torch.bfloat16, fp16=self.dtype == torch.float16)
+        model = GPTModel(config=tcfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                         **self.config.gpt_model_kwargs())
+        if self.load_pretrained_weights:
+            load_hf_weights(model, self._hf_state_dict(), self.config, tp, parallel_state.get_tensor_model_parallel_rank())
+        self.model = model.to(device)
+        return self.model
+
+    def _hf_state_dict(self) -> dict[str, torch.Tensor]:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self.dtype, revision=self.revision,
+                                                  trust_remote_code=self.trust_remote_code)
+        return hf.state_dict()
+
+    # -- training --------------------------------------------------------------------------
+    def attention_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Boolean ``[B, 1, T, T]`` mask (True = masked): causal, within each packed sample
+        (position ids restart at 0), and within Mistral's sliding window when it has one."""
+        ids = batch["input_ids"]
+        pos = batch.get("position_ids")
+        if pos is None:
+            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        segment = (pos == 0).cumsum(dim=1)
+        t = torch.arange(ids.shape[1], device=ids.device)
+        allowed = (segment[:, :, None] == segment[:, None, :]) & (t[None, :, None] >= t[None, None, :])
+        window = self.config.sliding_window if self.config else None
+        if window:
+            allowed &= (t[None, :, None] - t[None, None, :]) < window
+        return ~allowed[:, None]
+
+    def _inputs(self, batch):
+        pos = batch.get("position_ids")
+        if pos is None:
+            pos = torch.arange(batch["input_ids"].shape[1], device=batch["input_ids"].device).expand_as(batch["input_ids"])
+        return batch["input_ids"], pos, self.attention_mask(batch)
+
+    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed masked cross-entropy (Megatron's vocab-parallel CE, so TP never gathers logits)."""
+        per_token = module(*self._inputs(batch), labels=batch["labels"])
+        return (per_token.float() * batch["loss_mask"].to(torch.float32)).sum()
+
+    def logits(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Full-vocabulary logits ``[B, T, V]`` (gathered over tensor-parallel ranks; no gradient)."""
+        from megatron.core import parallel_state
+
+        out = module(*self._inputs(batch)).detach()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp == 1:
+            return out
+        parts = [torch.empty_like(out) for _ in range(tp)]
+        dist.all_gather(parts, out.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        return torch.cat(parts, dim=-1)
+
+    # -- export ----------------------------------------------------------------------------
+    def full_state_dict(self, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Every Megatron parameter gathered over the tensor-parallel group (same on every TP rank)."""
+        from megatron.core import parallel_state
+
+        module = module or self.model
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        group = parallel_state.get_tensor_model_parallel_group()
+        out = {}
+        for name, param in _unwrap(module).named_parameters():
+            local = param.detach()
+            if tp > 1 and convert.split_dim(_megatron_name(name)) is not None:
+                parts = [torch.empty_like(local) for _ in range(tp)]
+                dist.all_gather(parts, local.contiguous(), group=group)
+                local = convert.unshard(_megatron_name(name), parts)
+            out[name] = local.cpu()
+        return out
+
+    def export_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
+        """Write ``out/model`` (HF safetensors) or ``out/hf_adapter`` (PEFT) from a Megatron model."""
+        state = self.full_state_dict(module)
+        peft = hasattr(self.model, "peft_config")
+        target = Path(out) / ("hf_adapter" if peft else "model")
+        if strategy.rank == 0:
+            target.mkdir(parents=True, exist_ok=True)
+            if peft:
+                lora = {_megatron_name(k).replace(".default", ""): v for k, v in state.items() if ".lora_" in k}
+                write_peft_adapter(target, lora, self.config, self.model.peft_config["default"], self.model_id)
+            else:
+                write_hf_model(target, {_megatron_name(k): v for k, v in state.items()}, self.config)
+            if self.tokenizer_id is not None:
+                self.tokenizer.save_pretrained(target)
+        strategy.barrier()
+        return target
+
+
+def LlamaModel(config: GPTConfig | None = None, model_id: str | None = None, **kwargs: Any) -> MegatronGPTModel:  # noqa: N802
+    """NeMo's ``llm.LlamaModel(Llama32Config1B())``; pass ``model_id`` for pretrained weights."""
+    return MegatronGPTModel(model_id=model_id, config=config, **kwargs)
+
+
+Qwen2Model = MistralModel = LlamaModel  # the same GPT layer; the config names the family
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def _megatron_name(name: str) -> str:
+    """``base_model.model.decoder...lora_A.default.weight`` -> ``decoder...lora_A.default.weight``."""
+    return name.removeprefix("module.").removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def load_hf_weights(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], cfg: GPTConfig, tp: int,
+                    tp_rank: int) -> None:
+    """Copy converted HF weights (this rank's TP slices) into a Megatron GPTModel; strict on parameters."""
+    full = convert.hf_to_megatron(hf_state, cfg)
+    local = {name: convert.shard(name, t, tp, tp_rank) for name, t in full.items()}
+    result = model.load_state_dict(local, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
+               and not (k == "output_layer.weight" and cfg.share_embeddings_and_output_weights)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"HF -> Megatron conversion left parameters unset {missing[:4]} or unknown "
+                          f"{result.unexpected_keys[:4]}")
+
+
+def write_hf_model(target: Path, megatron_state: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
+    """A HF folder (safetensors shards + index, config.json) from full Megatron tensors."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    hf = convert.megatron_to_hf(megatron_state, cfg)
+    split = split_torch_state_dict_into_shards(hf, filename_pattern="model{suffix}.safetensors")
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: hf[n] for n in names}, str(target / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf_config = cfg.to_hf()
+    hf_config.torch_dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
+    hf_config.save_pretrained(target)
+
+
+def write_peft_adapter(target: Path, megatron_lora: dict[str, torch.Tensor], cfg: GPTConfig, lora_config: Any,
+                       base_model: str | None) -> None:
+    """A PEFT adapter folder (HF module names) from full Megatron LoRA tensors."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    hf = convert.megatron_lora_to_hf(megatron_lora, cfg)
+    config = LoraConfig(r=lora_config.r, lora_alpha=lora_config.lora_alpha, lora_dropout=lora_config.lora_dropout,
+                        target_modules=convert.hf_lora_targets(hf, cfg.num_layers), bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=base_model, inference_mode=True)
+    config.save_pretrained(str(target))
+    save_file({f"base_model.model.{k}": v for k, v in hf.items()}, str(target / "adapter_model.safetensors"),
+              metadata={"format": "pt"})

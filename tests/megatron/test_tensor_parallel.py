@@ -1,0 +1,70 @@
+"""TP=2 over two gloo processes equals TP=1: logits, the gathered weights, and LoRA training losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_megatron import IDS, losses, run_megatron
+
+from nemo_automodel.megatron import MegatronGPTModel
+from nemo_automodel.megatron.convert import hf_to_megatron
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tp2_equals_tp1(arch, megatron_model_factory, token_file, tmp_path):
+    import transformers
+
+    path = megatron_model_factory(arch)
+    spec = {"model": str(path), "out": str(tmp_path), "data": str(token_file), "log_dir": str(tmp_path / "runs"),
+            "tp": 2}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HERE / "tp_worker.py"), str(tmp_path / "spec.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    from nemo_automodel.megatron import MegatronStrategy
+
+    strategy = MegatronStrategy()
+    strategy.setup("cpu")
+    try:
+        model = MegatronGPTModel(str(path))
+        module = model.configure_model().eval()
+        with torch.no_grad():
+            tp1 = model.logits(module, {"input_ids": IDS})
+    finally:
+        strategy.teardown()
+    tp2 = torch.load(tmp_path / "logits.pt")
+    assert (tp2 - tp1).abs().max().item() < 1e-5
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+    gathered = torch.load(tmp_path / "state.pt")
+    expected = hf_to_megatron(hf, model.config)
+    assert {k for k in gathered} == set(expected)
+    assert all(torch.equal(gathered[k], expected[k]) for k in expected)
+
+    single = run_megatron(str(path), str(token_file), str(tmp_path / "runs"), "tp1", tp=1, lora=True)
+    tp2_losses, tp1_losses = losses(tmp_path / "runs" / "tp"), losses(single)
+    assert len(tp2_losses) == len(tp1_losses) == 4
+    assert max(abs(a - b) / b for a, b in zip(tp2_losses, tp1_losses)) < 1e-5, (tp2_losses, tp1_losses)
+    # both export the same PEFT adapter (TP shards gathered before conversion)
+    a = _adapter(tmp_path / "runs" / "tp")
+    b = _adapter(single)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(run_dir) / "checkpoints" / "last" / "hf_adapter" / "adapter_model.safetensors")
