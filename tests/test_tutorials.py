@@ -123,3 +123,18 @@ def test_tutorial_is_a_percent_notebook(script):
         else nbformat.v4.new_code_cell(src) for kind, src in cells])
     nbformat.validate(nb)
     assert len(path.read_text().splitlines()) < 400
+
+
+@pytest.mark.slow
+def test_backend_swap_tutorial(tiny_model_factory, tmp_path):
+    pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
+    stdout = run_tutorial("backend_swap.py", tiny_model_factory("llama"), tmp_path / "out", "--lr", "1e-2")
+    assert "to_automodel(to_megatron(recipe)) == recipe: True" in stdout
+    assert "MegatronGPTModel" in stdout and "tensor_model_parallel_size = 1" in stdout
+    losses = {line.split()[0]: [float(x) for x in line.split(":")[1].split()]
+              for line in stdout.splitlines() if line.split()[:1] in (["automodel"], ["megatron"])}
+    auto, megatron = losses["automodel"], losses["megatron"]
+    assert len(auto) == len(megatron) == 4
+    assert abs(auto[0] - megatron[0]) / auto[0] < 1e-5  # same weights, same first batch
+    assert megatron[-1] < megatron[0]
+    assert "adapter layers: ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']" in stdout
