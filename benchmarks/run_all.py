@@ -5,6 +5,8 @@
 2. ``loss_memory.py`` — peak memory chunked ÷ plain loss (vocab 32768 and 49152, 2 x 1024 tokens).
 3. ``peers.py`` — ours ÷ HF Trainer, ÷ TRL SFTTrainer (packing), packing on/off, bf16 on/off on
    SmolLM2-135M + the demo chat data.
+4. ``profile_step.py`` — the share of a step spent in the model's own math (matmul, attention):
+   the ceiling on what any framework can gain in the same precision.
 
 Each child prints its own table; the lines with ``ratio`` go into ``benchmarks/RESULTS.md`` with
 the load average, so a quiet and a busy machine can be told apart.
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     run("ours+torch.compile ÷ hand loop (eager)", ["benchmarks/trainer_vs_torch_loop.py", "--jit", *steps], rows)
     run("loss memory, vocab 32768", ["benchmarks/loss_memory.py", "--vocab", "32768"], rows)
     run("loss memory, vocab 49152", ["benchmarks/loss_memory.py", "--vocab", "49152"], rows)
-    peer_steps = ["--steps", "1", "--warmup", "1"] if a.quick else ["--steps", "2", "--warmup", "1"]
+    # 3 timed steps: with 2, one noisy step swung ours ÷ TRL between 0.98 and 1.55 on this VM
+    peer_steps = ["--steps", "1", "--warmup", "1"] if a.quick else ["--steps", "3", "--warmup", "1"]
     run("peers: SmolLM2-135M LoRA, demo chat data", ["benchmarks/peers.py", *peer_steps], rows)
+    run("where a step's time goes (torch.profiler)", ["benchmarks/profile_step.py"], rows)
     _compile_ratio(rows)
     out = HERE / "RESULTS.md"
     lines = ["# Benchmark results", "",
