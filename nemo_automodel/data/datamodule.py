@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 
@@ -22,17 +21,26 @@ from nemo_automodel.data.rows import Rows, SampleStore
 from nemo_automodel.data.sampler import MicroBatchSampler, rank_batches
 from nemo_automodel.errors import ConfigError, bad_value
 
+if TYPE_CHECKING:  # datasets is imported in setup(): building a graph stays fast
+    import datasets
+
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 # NeMo's HFDatasetDataModule takes these DataLoader knobs; batches are built in-process here.
 _NEMO_LOADER_KWARGS = ("num_workers", "pin_memory", "persistent_workers", "use_mcore_sampler",
                        "mcore_dataloader_type")
-_FEATURES = datasets.Features({
-    "input_ids": datasets.Sequence(datasets.Value("int64")),
-    "labels": datasets.Sequence(datasets.Value("int64")),
-    "loss_mask": datasets.Sequence(datasets.Value("float32")),
-    "prompt_len": datasets.Value("int64"),
-})
+
+
+def _features() -> datasets.Features:
+    """Column types of a formatted split."""
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int64")),
+        "labels": datasets.Sequence(datasets.Value("int64")),
+        "loss_mask": datasets.Sequence(datasets.Value("float32")),
+        "prompt_len": datasets.Value("int64"),
+    })
 
 
 def _check_int(field: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -167,7 +175,7 @@ class HFDatasetDataModule:
         # In memory, so the fingerprint only labels the result: no need to hash the tokenizer.
         tag = f"{ds._fingerprint}|{self.formatting!r}|{id(tokenizer)}|{self._max_len}|{pad}"
         return ds.map(fmt, batched=True, with_indices=True, remove_columns=ds.column_names,
-                      features=_FEATURES, num_proc=self.num_proc, keep_in_memory=True, desc="formatting",
+                      features=_features(), num_proc=self.num_proc, keep_in_memory=True, desc="formatting",
                       new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16])
 
     def _drop_empty(self, store: SampleStore, split: str) -> SampleStore:

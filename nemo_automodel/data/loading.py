@@ -12,11 +12,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from nemo_automodel.errors import ConfigError, bad_value
+
+if TYPE_CHECKING:  # datasets is imported where data is loaded: building a graph stays fast
+    import datasets
 
 SPLIT_ALIASES = {
     "train": ("train", "training"),
@@ -76,6 +77,8 @@ def _is_json_lines(f: str) -> bool:
 
 
 def _load_files(data_files: dict[str, list[str]], load_kwargs: dict[str, Any]) -> datasets.DatasetDict:
+    import datasets
+
     files = [f for fs in data_files.values() for f in fs]
     for f in files:
         if not os.path.isfile(f):
@@ -91,6 +94,8 @@ def _load_files(data_files: dict[str, list[str]], load_kwargs: dict[str, Any]) -
 
 
 def _load_folder(path: str, load_kwargs: dict[str, Any]) -> datasets.DatasetDict:
+    import datasets
+
     p = Path(path)
     if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
         loaded = datasets.load_from_disk(path)
@@ -103,6 +108,8 @@ def _load_folder(path: str, load_kwargs: dict[str, Any]) -> datasets.DatasetDict
 
 def open_local(source: Any, load_kwargs: dict[str, Any]) -> datasets.DatasetDict | None:
     """All splits of an in-memory or local source; None for a Hub name (loaded per split)."""
+    import datasets
+
     if isinstance(source, datasets.DatasetDict):
         return source
     if isinstance(source, datasets.Dataset):
@@ -159,6 +166,8 @@ def resolve_split(name: str, available: list[str], field: str = "split") -> str:
 
 def slice_dataset(ds: datasets.Dataset, name: str, spec: str, field: str = "split") -> datasets.Dataset:
     """Apply a ``datasets`` slice spec such as ``[:100]`` or ``[10%:20%]`` to one split."""
+    import datasets
+
     if not spec:
         return ds
     try:
@@ -181,6 +190,8 @@ def load_split(source: Any, splits: datasets.DatasetDict | None, split: str, fie
 
 
 def _load_hub(name: str, split: str, field: str, load_kwargs: dict[str, Any]) -> datasets.Dataset:
+    import datasets
+
     try:
         ds = datasets.load_dataset(name, split=split, **load_kwargs)
     except ValueError as e:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 
 from nemo_automodel.data.packing import first_fit_decreasing, packed_position_ids
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass
@@ -25,6 +27,8 @@ class SampleStore:
     @classmethod
     def from_dataset(cls, ds: datasets.Dataset) -> SampleStore:
         """Read the ``input_ids``/``labels``/``loss_mask``/``prompt_len`` columns of a formatted split."""
+        import pyarrow.compute as pc
+
         table = ds.with_format("arrow")[:]
         ids = table.column("input_ids")
         lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)

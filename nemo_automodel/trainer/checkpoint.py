@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.trainer.hf_export import export_hf, is_peft
@@ -90,7 +88,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _options(**kw) -> StateDictOptions:
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,  # imported on use: graph builds stay fast
+    )
+
     return StateDictOptions(ignore_frozen_params=True, **kw)
 
 
@@ -104,6 +106,9 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     strategy.barrier()
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
     dcp.save({"model": model_sd, "optim": optim_sd}, **_dcp_target(tmp, strategy))
@@ -201,6 +206,9 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     if meta.get("tensor_parallel", 1) != _tensor_parallel(strategy):
         raise ConfigError(f"{path} was saved with tensor_model_parallel_size={meta.get('tensor_parallel', 1)}, this "
                           f"run uses {_tensor_parallel(strategy)}: resume with the same tensor-parallel size")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, **_dcp_target(path, strategy))

@@ -17,9 +17,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,6 +30,10 @@ def export_hf(out: Path, *, model, module: torch.nn.Module, strategy) -> Path:
     """Write ``out/model`` (full SFT) or ``out/hf_adapter`` (LoRA) from every rank; returns the folder."""
     if hasattr(model, "export_hf"):  # a non-HF backend converts to HF layout itself (Megatron)
         return model.export_hf(out, module=module, strategy=strategy)
+    import torch.distributed.checkpoint as dcp  # imported on use: graph builds stay fast
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     hf_model = model.model
     peft = is_peft(hf_model)
     target = Path(out) / ("hf_adapter" if peft else "model")
