@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,18 @@ import time
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -48,12 +59,13 @@ def worker(args: argparse.Namespace) -> dict:
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(args.batch, args.seq),
              "position_ids": torch.arange(args.seq).expand(args.batch, -1)}
     before = _rss()
+    _reset_peak()  # else the peak of loading the model (save + reload) can mask the step's own peak
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         loss = wrapper.loss(module, batch)
     loss.backward()
     secs = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     return {"peak_growth": peak - before, "loss": loss.item(), "seconds": secs,
             "grad_norm": float(module.lm_head.weight.grad.norm())}
 
