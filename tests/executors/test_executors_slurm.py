@@ -24,6 +24,15 @@ def _sacct(name: str) -> str:
                           capture_output=True, text=True).stdout
 
 
+def _eventually(check, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 @pytest.mark.distributed
 def test_recipe_file_on_slurm_with_two_torchrun_ranks(slurm_cluster, tiny_llama, chat_file, tmp_path, nemorun_home):
     out = tmp_path / "runs"
@@ -38,7 +47,7 @@ def test_recipe_file_on_slurm_with_two_torchrun_ranks(slurm_cluster, tiny_llama,
     assert len(logs) == 1, logs
     text = logs[0].read_text()
     assert "[default0]:" in text and "[default1]:" in text  # both torchrun ranks wrote to the job log
-    assert "root-root.slurm-ddp|COMPLETED" in _sacct("root-root.slurm-ddp")
+    assert _eventually(lambda: "root-root.slurm-ddp|COMPLETED" in _sacct("root-root.slurm-ddp"))
 
 
 def test_a_failing_slurm_job_exits_1_and_shows_its_log(slurm_cluster, chat_file, tmp_path, nemorun_home):
@@ -62,7 +71,8 @@ def test_experiment_api_cancel_from_another_handle(slurm_cluster, nemorun_home):
             break
         time.sleep(0.5)
     assert again.status() == {"sleeper": "CANCELLED"}
-    assert "|CANCELLED" in _sacct("root-root.sleeper")
+    # slurmctld hands the job record to slurmdbd asynchronously: the accounting row can lag squeue
+    assert _eventually(lambda: "|CANCELLED" in _sacct("root-root.sleeper")), _sacct("root-root.sleeper")
     with pytest.raises(JobFailed, match="sleeper: CANCELLED"):
         again.raise_for_failures()
 
