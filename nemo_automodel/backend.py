@@ -148,7 +148,7 @@ def _megatron_optim(optim: fdl.Buildable) -> run.Config:
     unknown = sorted(set(args) - set(names) - {"betas"})
     if unknown:
         raise ConfigError(f"optimizer arguments {unknown} have no Megatron OptimizerConfig counterpart")
-    _, _ = import_megatron()
+    import_megatron()  # a clear error if the megatron extra is missing
     from megatron.core.optimizer import OptimizerConfig
 
     # clip_grad=0: clipping stays the trainer's gradient_clip_val, as on the AutoModel path

@@ -108,26 +108,20 @@ class MegatronGPTModel:
         return hf.state_dict()
 
     # -- training --------------------------------------------------------------------------
-    def attention_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Boolean ``[B, 1, T, T]`` mask (True = masked): causal, within each packed sample
-        (position ids restart at 0), and within Mistral's sliding window when it has one."""
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GPTModel's ``(input_ids, position_ids, attention_mask)``; the boolean ``[B, 1, T, T]`` mask
+        (True = masked) is causal, within each packed sample (position ids restart at 0), and within
+        Mistral's sliding window when it has one."""
         ids = batch["input_ids"]
-        pos = batch.get("position_ids")
-        if pos is None:
-            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        segment = (pos == 0).cumsum(dim=1)
         t = torch.arange(ids.shape[1], device=ids.device)
+        pos = batch.get("position_ids")
+        pos = t.expand_as(ids) if pos is None else pos
+        segment = (pos == 0).cumsum(dim=1)
         allowed = (segment[:, :, None] == segment[:, None, :]) & (t[None, :, None] >= t[None, None, :])
         window = self.config.sliding_window if self.config else None
         if window:
             allowed &= (t[None, :, None] - t[None, None, :]) < window
-        return ~allowed[:, None]
-
-    def _inputs(self, batch):
-        pos = batch.get("position_ids")
-        if pos is None:
-            pos = torch.arange(batch["input_ids"].shape[1], device=batch["input_ids"].device).expand_as(batch["input_ids"])
-        return batch["input_ids"], pos, self.attention_mask(batch)
+        return ids, pos, ~allowed[:, None]
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed masked cross-entropy (Megatron's vocab-parallel CE, so TP never gathers logits)."""
@@ -136,31 +130,18 @@ class MegatronGPTModel:
 
     def logits(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-vocabulary logits ``[B, T, V]`` (gathered over tensor-parallel ranks; no gradient)."""
-        from megatron.core import parallel_state
-
-        out = module(*self._inputs(batch)).detach()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if tp == 1:
-            return out
-        parts = [torch.empty_like(out) for _ in range(tp)]
-        dist.all_gather(parts, out.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-        return torch.cat(parts, dim=-1)
+        return torch.cat(_tp_parts(module(*self._inputs(batch)).detach()), dim=-1)
 
     # -- export ----------------------------------------------------------------------------
     def full_state_dict(self, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Every Megatron parameter gathered over the tensor-parallel group (same on every TP rank)."""
-        from megatron.core import parallel_state
-
-        module = module or self.model
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        group = parallel_state.get_tensor_model_parallel_group()
+        """Every Megatron parameter, gathered over the tensor-parallel group, by its Megatron name
+        (adapted layers' ``.base_layer`` dropped); the same on every TP rank."""
         out = {}
-        for name, param in _unwrap(module).named_parameters():
+        for name, param in _unwrap(module or self.model).named_parameters():
+            name = name.replace(".base_layer", "")
             local = param.detach()
-            if tp > 1 and convert.split_dim(_megatron_name(name)) is not None:
-                parts = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(parts, local.contiguous(), group=group)
-                local = convert.unshard(_megatron_name(name), parts)
+            if convert.split_dim(name) is not None:
+                local = convert.unshard(name, _tp_parts(local))
             out[name] = local.cpu()
         return out
 
@@ -172,10 +153,10 @@ class MegatronGPTModel:
         if strategy.rank == 0:
             target.mkdir(parents=True, exist_ok=True)
             if peft:
-                lora = {_megatron_name(k).replace(".default", ""): v for k, v in state.items() if ".lora_" in k}
+                lora = {k: v for k, v in state.items() if ".lora_" in k}
                 write_peft_adapter(target, lora, self.config, self.model.peft_config["default"], self.model_id)
             else:
-                write_hf_model(target, {_megatron_name(k): v for k, v in state.items()}, self.config)
+                write_hf_model(target, state, self.config)
             if self.tokenizer_id is not None:
                 self.tokenizer.save_pretrained(target)
         strategy.barrier()
@@ -194,9 +175,16 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
-def _megatron_name(name: str) -> str:
-    """``base_model.model.decoder...lora_A.default.weight`` -> ``decoder...lora_A.default.weight``."""
-    return name.removeprefix("module.").removeprefix("base_model.model.").replace(".base_layer", "")
+def _tp_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """This tensor from every tensor-parallel rank, in rank order (just ``[tensor]`` without TP)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(tp)]
+    dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return parts
 
 
 def load_hf_weights(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], cfg: GPTConfig, tp: int,

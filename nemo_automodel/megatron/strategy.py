@@ -89,11 +89,15 @@ class MegatronStrategy(SingleDeviceStrategy):
     # -- data parallelism over Megatron's data-parallel group ------------------------------
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tensor_model_parallel_size
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size()
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tensor_model_parallel_size  # Megatron orders ranks TP-first
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
 
     def wrap(self, module, mixed_precision=None):
         if self.dp_size == 1:

@@ -40,7 +40,8 @@ class LoRA:
         self.dim, self.alpha, self.dropout = dim, alpha, dropout
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Wrap ``model`` in a peft ``PeftModel`` with only the adapters trainable."""
+        """Add adapters with only them trainable: a peft ``PeftModel`` for HF models; on a Megatron
+        GPTModel, tensor-parallel adapter layers on the equivalent fused layers (megatron/lora.py)."""
         from peft import LoraConfig, get_peft_model
 
         from nemo_automodel.megatron.lora import is_megatron_model

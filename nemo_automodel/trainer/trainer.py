@@ -89,7 +89,6 @@ class Trainer:
         self.global_step = 0
         self.run_dir: Path | None = None
         self._stop_requested = False
-        self._clip = gradient_clip_val
 
     # -- setup ---------------------------------------------------------------------------
     def _setup(self, model, data, peft, optim):
