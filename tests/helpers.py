@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from datasets import Dataset
-
 QA = [("What is the capital of France?", "Paris is the capital of France."),
       ("Name a primary colour.", "Red is a primary colour."),
       ("What is two plus two?", "Two plus two is four."),
@@ -17,9 +15,26 @@ QA = [("What is the capital of France?", "Paris is the capital of France."),
       ("What colour is the sky on a clear day?", "The sky is blue on a clear day.")]
 
 
-def chat_dataset(repeat: int = 2) -> Dataset:
+def chat_dataset(repeat: int = 2):
+    """A small ``datasets.Dataset`` of chats (imported here: the gpu tests run without datasets)."""
+    from datasets import Dataset
+
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
     return Dataset.from_list(rows * repeat)
+
+
+def write_token_rows(path: Path, n: int) -> Path:
+    """``n`` pre-tokenized rows of 12-40 tokens (learnable: arithmetic sequences of ids in 3..499) as jsonl."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        length, start, stride = (int(torch.randint(lo, hi, (1,), generator=gen))
+                                 for lo, hi in ((12, 41), (0, 497), (1, 4)))
+        rows.append({"input_ids": [3 + (start + stride * i) % 497 for i in range(length)]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from harness import STEPS, launch
+
+from tests.helpers import write_token_rows
 
 
 @pytest.fixture(scope="session")
@@ -28,14 +29,7 @@ def small_model(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory) -> Path:
     """16 pre-tokenized rows of 12-40 tokens (learnable: arithmetic sequences of ids in 3..499)."""
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(16):
-        n, start, stride = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((12, 41), (0, 497), (1, 4)))
-        rows.append({"input_ids": [3 + (start + stride * i) % 497 for i in range(n)]})
-    path = tmp_path_factory.mktemp("tokens") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_token_rows(tmp_path_factory.mktemp("tokens") / "train.jsonl", 16)
 
 
 @pytest.fixture(scope="session")

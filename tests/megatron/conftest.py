@@ -8,11 +8,12 @@ swapped or dropped tensor shows in the logits.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import write_token_rows
 
 pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
 
@@ -62,22 +63,16 @@ def megatron_model_factory(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def token_file(tmp_path_factory) -> Path:
     """24 pre-tokenized rows of 12-40 tokens (learnable arithmetic sequences of ids in 3..499)."""
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(24):
-        n, start, stride = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((12, 41), (0, 497), (1, 4)))
-        rows.append({"input_ids": [3 + (start + stride * i) % 497 for i in range(n)]})
-    path = tmp_path_factory.mktemp("mg-tokens") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_token_rows(tmp_path_factory.mktemp("mg-tokens") / "train.jsonl", 24)
 
 
 @pytest.fixture
-def megatron_strategy():
-    """A set-up single-process MegatronStrategy (TP=1), torn down afterwards."""
+def megatron_strategy(request):
+    """A set-up single-process MegatronStrategy (TP=1), torn down afterwards; on the CPU unless a test
+    passes another accelerator (``parametrize("megatron_strategy", ["gpu"], indirect=True)``)."""
     from nemo_automodel.megatron import MegatronStrategy
 
     strategy = MegatronStrategy()
-    strategy.setup("cpu")
+    strategy.setup(getattr(request, "param", "cpu"))
     yield strategy
     strategy.teardown()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import fiddle as fdl
@@ -17,6 +16,7 @@ from nemo_automodel.megatron import MegatronGPTModel, MegatronStrategy
 from nemo_automodel.megatron.optim import MegatronOptimizerModule
 from nemo_automodel.optim import OptimizerModule
 from recipes.hf_auto_model_for_causal_lm import finetune_recipe
+from tests.helpers import train_losses
 
 
 def _recipe(model_dir, data, tmp_path, name, peft_scheme="lora", max_steps=6, **kw) -> run.Partial:
@@ -69,11 +69,6 @@ def test_rewrite_refuses_unsupported_models_and_sizes(tiny_model_factory, megatr
         to_automodel(qwen)
 
 
-def _losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_loss"] for r in rows if "train_loss" in r]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("peft_scheme", ["lora", None])
 def test_megatron_recipe_trains_from_the_same_weights_and_exports_hf(peft_scheme, megatron_model_factory,
@@ -83,7 +78,7 @@ def test_megatron_recipe_trains_from_the_same_weights_and_exports_hf(peft_scheme
     auto_dir = fdl.build(auto)()
     mg_recipe = to_megatron(_recipe(model_dir, token_file, tmp_path, "mg", peft_scheme=peft_scheme))
     mg_dir = fdl.build(mg_recipe)()
-    auto_losses, mg_losses = _losses(auto_dir), _losses(mg_dir)
+    auto_losses, mg_losses = train_losses(auto_dir), train_losses(mg_dir)
     # same weights, same first batch: the first loss agrees; then both learn
     assert abs(mg_losses[0] - auto_losses[0]) / auto_losses[0] < 1e-5, (mg_losses, auto_losses)
     assert mg_losses[-1] < mg_losses[0] - 0.05, mg_losses

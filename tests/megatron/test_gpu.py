@@ -8,17 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-@pytest.fixture
-def cuda_strategy():
-    from nemo_automodel.megatron import MegatronStrategy
-
-    strategy = MegatronStrategy()
-    strategy.setup("gpu")
-    yield strategy
-    strategy.teardown()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.parametrize("megatron_strategy", ["gpu"], indirect=True)]
 
 
 def _qwen2(tmp_path):
@@ -31,7 +22,7 @@ def _qwen2(tmp_path):
     return transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
 
 
-def test_cuda_runs_unpatched_and_matches_hf(cuda_strategy, tmp_path):
+def test_cuda_runs_unpatched_and_matches_hf(megatron_strategy, tmp_path):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from nemo_automodel.megatron import MegatronGPTModel, cpu_shim
@@ -39,7 +30,7 @@ def test_cuda_runs_unpatched_and_matches_hf(cuda_strategy, tmp_path):
 
     hf = _qwen2(tmp_path)
     model = MegatronGPTModel(str(tmp_path))
-    module = model.configure_model(cuda_strategy.device).eval()
+    module = model.configure_model(megatron_strategy.device).eval()
     assert cpu_shim.apply() is False and not cpu_shim._APPLIED
     assert not hasattr(RotaryEmbedding.get_emb, "__wrapped__")
     ids = (torch.arange(2 * 16).reshape(2, 16) * 37 % 509 + 3).cuda()
@@ -52,7 +43,7 @@ def test_cuda_runs_unpatched_and_matches_hf(cuda_strategy, tmp_path):
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
 
 
-def test_transformer_engine_layer_spec_builds(cuda_strategy):
+def test_transformer_engine_layer_spec_builds(megatron_strategy):
     pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_megatron import IDS, losses, run_megatron
+from train_megatron import IDS, run_megatron
 
 from nemo_automodel.megatron import MegatronGPTModel
 from nemo_automodel.megatron.convert import hf_to_megatron
+from tests.helpers import train_losses
 
 HERE = Path(__file__).parent
 
@@ -63,7 +64,7 @@ def test_tp2_equals_tp1(arch, megatron_model_factory, token_file, tmp_path):
     assert all(torch.equal(gathered[k], expected[k]) for k in expected)
 
     single = run_megatron(str(path), str(token_file), str(tmp_path / "runs"), "tp1", tp=1, lora=True)
-    tp2_losses, tp1_losses = losses(tmp_path / "runs" / "tp"), losses(single)
+    tp2_losses, tp1_losses = train_losses(tmp_path / "runs" / "tp"), train_losses(single)
     assert len(tp2_losses) == len(tp1_losses) == 4
     assert max(abs(a - b) / b for a, b in zip(tp2_losses, tp1_losses)) < 1e-5, (tp2_losses, tp1_losses)
     # both export the same PEFT adapter (TP shards gathered before conversion)

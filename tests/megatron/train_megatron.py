@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,7 +32,3 @@ def run_megatron(model_dir: str, data: str, log_dir: str, name: str, tp: int = 1
     trainer.strategy.teardown()
     return run_dir
 
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_loss"] for r in rows if "train_loss" in r]
