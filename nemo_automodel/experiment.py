@@ -30,6 +30,7 @@ import itertools
 import os
 import re
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -245,12 +246,20 @@ class Experiment:
         """The last lines of ``name``'s log (rank output included)."""
         return log_tail(self.job_dir(name), lines or self.log_tail_lines)
 
-    def cancel(self, name: str | None = None) -> None:
-        """Cancel one task, or every task (``scancel`` on Slurm, container removal on Docker)."""
+    def cancel(self, name: str | None = None, known_within: float = 60.0) -> None:
+        """Cancel one task, or every task (``scancel`` on Slurm, container removal on Docker).
+
+        NeMo-Run cancels only jobs its scheduler already reports; a Slurm job whose accounting
+        row has not reached ``sacct`` yet would be skipped silently. So each task is first
+        awaited (up to ``known_within`` seconds) until the scheduler reports a state.
+        """
         if self._exp is None:
             raise ConfigError(f"experiment {self.title!r} has not been launched")
         for job_name in [name] if name else self.names:
             self.job_dir(job_name)  # raises for an unknown name
+            deadline = time.monotonic() + known_within
+            while self.status().get(job_name) in _NOT_YET_KNOWN and time.monotonic() < deadline:
+                time.sleep(0.5)
             self._exp.cancel(job_name)
 
     def run_dirs(self) -> dict[str, Path | None]:
@@ -281,6 +290,9 @@ def _uses_main(value: Any) -> bool:
 
 def _arguments(node: fdl.Buildable) -> set[str]:
     return set(inspect.signature(node.__fn_or_cls__).parameters)
+
+
+_NOT_YET_KNOWN = ("SUBMITTED", "UNKNOWN")
 
 
 def _state(status: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -59,7 +60,22 @@ def test_a_failing_slurm_job_exits_1_and_shows_its_log(slurm_cluster, chat_file,
     assert "is not a model folder" in proc.stderr  # the job's own error, from the Slurm log file
 
 
-def test_experiment_api_cancel_from_another_handle(slurm_cluster, nemorun_home):
+def _lagging_sacct(bin_dir: Path, seconds: float) -> None:
+    """Put a ``sacct`` first on PATH that, for ``seconds``, answers like one whose slurmdbd has no row yet."""
+    real = subprocess.run(["which", "sacct"], capture_output=True, text=True, check=True).stdout.strip()
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(
+        "#!/bin/sh\n"
+        f"if [ \"$(date +%s)\" -lt {int(time.time() + seconds)} ]; then echo 'JobID|JobName|State'; exit 0; fi\n"
+        f'exec {real} "$@"\n')
+    (bin_dir / "sacct").chmod(0o755)
+
+
+@pytest.mark.parametrize("accounting_lag", [0, 6], ids=["in-sync", "sacct-lags"])
+def test_experiment_api_cancel_from_another_handle(slurm_cluster, nemorun_home, accounting_lag, tmp_path, monkeypatch):
+    if accounting_lag:  # CI once saw the cancel skipped: NeMo-Run cancels only jobs sacct already lists
+        _lagging_sacct(tmp_path / "bin", accounting_lag)
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     exp = Experiment("cancel-me", executor=executors.slurm(env_vars={"PYTHONPATH": str(ROOT)}))
     exp.add(run.Partial(jobs.sleep, 600), name="sleeper")
     states = exp.run(detach=True)
