@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 PWNED = Path("/tmp/nemo-automodel-pwned-slurm")
 
 
-def _sacct(name: str) -> str:
-    return subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName,State", "--name", name, "-S", "now-1hour"],
+def _sacct(*select: str) -> str:
+    """``JobName|State`` rows of the jobs ``select`` picks (``--name N`` or ``-j ID``) from the last hour."""
+    return subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName,State", *select, "-S", "now-1hour"],
                           capture_output=True, text=True).stdout
 
 
@@ -48,7 +49,7 @@ def test_recipe_file_on_slurm_with_two_torchrun_ranks(slurm_cluster, tiny_llama,
     assert len(logs) == 1, logs
     text = logs[0].read_text()
     assert "[default0]:" in text and "[default1]:" in text  # both torchrun ranks wrote to the job log
-    assert _eventually(lambda: "root-root.slurm-ddp|COMPLETED" in _sacct("root-root.slurm-ddp"))
+    assert _eventually(lambda: "root-root.slurm-ddp|COMPLETED" in _sacct("--name", "root-root.slurm-ddp"))
 
 
 def test_a_failing_slurm_job_exits_1_and_shows_its_log(slurm_cluster, chat_file, tmp_path, nemorun_home):
@@ -80,17 +81,17 @@ def test_experiment_api_cancel_from_another_handle(slurm_cluster, nemorun_home, 
     exp.add(run.Partial(jobs.sleep, 600), name="sleeper")
     states = exp.run(detach=True)
     assert states["sleeper"] in ("SUBMITTED", "PENDING", "RUNNING"), states
-    again = Experiment.from_id(exp.id)  # as another process would
-    again.cancel("sleeper")
-    for _ in range(60):
-        if again.status()["sleeper"] == "CANCELLED":
-            break
-        time.sleep(0.5)
-    assert again.status() == {"sleeper": "CANCELLED"}
-    # slurmctld hands the job record to slurmdbd asynchronously: the accounting row can lag squeue
-    assert _eventually(lambda: "|CANCELLED" in _sacct("root-root.sleeper")), _sacct("root-root.sleeper")
-    with pytest.raises(JobFailed, match="sleeper: CANCELLED"):
-        again.raise_for_failures()
+    job_id = exp.status_details()["sleeper"]["job_id"]
+    try:
+        again = Experiment.from_id(exp.id)  # as another process would
+        again.cancel("sleeper")
+        assert _eventually(lambda: again.status() == {"sleeper": "CANCELLED"}), again.status()
+        # slurmctld hands the job record to slurmdbd asynchronously: the accounting row can lag squeue
+        assert _eventually(lambda: "|CANCELLED" in _sacct("-j", job_id)), _sacct("-j", job_id)
+        with pytest.raises(JobFailed, match="sleeper: CANCELLED"):
+            again.raise_for_failures()
+    finally:
+        subprocess.run(["scancel", job_id])  # a failed check must not leave a 10-minute job holding the node
 
 
 def test_metacharacters_in_arguments_and_env_are_passed_literally(slurm_cluster, tmp_path, nemorun_home):
