@@ -15,27 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS (Linux: clear_refs 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kib * 1024
+from memory import fresh_process_result, peak_rss, reset_peak, rss
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -58,14 +42,14 @@ def worker(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(args.batch, args.seq),
              "position_ids": torch.arange(args.seq).expand(args.batch, -1)}
-    before = _rss()
-    _reset_peak()  # else the peak of loading the model (save + reload) can mask the step's own peak
+    before = rss()
+    reset_peak()  # else the peak of loading the model (save + reload) can mask the step's own peak
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         loss = wrapper.loss(module, batch)
     loss.backward()
     secs = time.perf_counter() - t
-    peak = _peak_rss()
+    peak = peak_rss()
     return {"peak_growth": peak - before, "loss": loss.item(), "seconds": secs,
             "grad_norm": float(module.lm_head.weight.grad.norm())}
 
@@ -85,12 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("plain", "chunked"):
         cmd = [sys.executable, __file__, "--mode", mode, "--vocab", str(args.vocab), "--seq", str(args.seq),
                "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if not lines:
-            print(f"{mode}: failed: {out.stderr.strip().splitlines()[-1:]}")
-            return 1
-        res[mode] = json.loads(lines[-1][7:])
+        res[mode] = fresh_process_result(cmd)
     tokens = args.batch * args.seq
     logits_mib = tokens * args.vocab * 4 / 2**20
     print(f"loss memory: vocab {args.vocab}, {args.batch}x{args.seq} tokens ({logits_mib:.0f} MiB of fp32 logits), "

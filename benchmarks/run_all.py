@@ -7,6 +7,8 @@
    SmolLM2-135M + the demo chat data.
 4. ``profile_step.py`` — the share of a step spent in the model's own math (matmul, attention):
    the ceiling on what any framework can gain in the same precision.
+5. ``megatron_load.py`` — peak memory of building a Megatron model from a bf16 HF checkpoint:
+   tensor-by-tensor safetensors reading ÷ loading the HF model with transformers first.
 
 Each child prints its own table; the lines with ``ratio`` go into ``benchmarks/RESULTS.md`` with
 the load average, so a quiet and a busy machine can be told apart.
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     peer_steps = ["--steps", "1", "--warmup", "1"] if a.quick else ["--steps", "3", "--warmup", "1"]
     run("peers: SmolLM2-135M LoRA, demo chat data", ["benchmarks/peers.py", *peer_steps], rows)
     run("where a step's time goes (torch.profiler)", ["benchmarks/profile_step.py"], rows)
+    run("Megatron load from a bf16 HF checkpoint", ["benchmarks/megatron_load.py"], rows)
     _compile_ratio(rows)
     out = HERE / "RESULTS.md"
     lines = ["# Benchmark results", "",

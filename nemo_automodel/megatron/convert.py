@@ -11,6 +11,7 @@ LoRA adapters convert the same way: A is shared by the fused outputs, B splits l
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -48,25 +49,26 @@ def split_qkv(qkv: torch.Tensor, cfg: GPTConfig) -> tuple[torch.Tensor, torch.Te
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """A full HF state dict -> a full Megatron GPTModel state dict (parameters only)."""
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+def iter_hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: GPTConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full Megatron GPTModel parameters from HF tensors, one at a time (``hf`` is read lazily)."""
+    yield "embedding.word_embeddings.weight", hf["model.embed_tokens.weight"]
+    yield "decoder.final_layernorm.weight", hf["model.norm.weight"]
     if not cfg.share_embeddings_and_output_weights:
-        out["output_layer.weight"] = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
+        yield "output_layer.weight", hf["lm_head.weight"] if "lm_head.weight" in hf else hf["model.embed_tokens.weight"]
     for i in range(cfg.num_layers):
         src, dst = HF_LAYER.format(i), MG_LAYER.format(i)
         for hf_name, mg_name in LAYER_RENAMES.items():
-            out[dst + mg_name] = hf[src + hf_name]
+            yield dst + mg_name, hf[src + hf_name]
         attn = src + "self_attn."
-        out[dst + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"], cfg)
-        if cfg.add_qkv_bias:
-            out[dst + "self_attention.linear_qkv.bias"] = _fuse_qkv(
-                hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], cfg)
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"],
-                                                        hf[src + "mlp.up_proj.weight"]])
-    return out
+        for kind in ("weight", "bias") if cfg.add_qkv_bias else ("weight",):
+            yield dst + f"self_attention.linear_qkv.{kind}", _fuse_qkv(
+                hf[attn + f"q_proj.{kind}"], hf[attn + f"k_proj.{kind}"], hf[attn + f"v_proj.{kind}"], cfg)
+        yield dst + "mlp.linear_fc1.weight", torch.cat([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]])
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A full HF state dict -> a full Megatron GPTModel state dict (parameters only)."""
+    return dict(iter_hf_to_megatron(hf, cfg))
 
 
 def megatron_to_hf(mg: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:

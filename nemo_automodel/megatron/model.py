@@ -2,8 +2,9 @@
 
 Nothing is read until `configure_model` (which runs where the job runs, after
 `MegatronStrategy.setup`): the HF config gives the architecture (`gpt_config_from_hf`), the HF
-weights are loaded with transformers, converted (`convert.hf_to_megatron`) and each rank keeps
-its tensor-parallel slices. `export_hf` writes the trained model back as a HF folder or a PEFT
+weights are read tensor by tensor from the checkpoint's safetensors (transformers loads the
+checkpoints that have none), converted (`convert.iter_hf_to_megatron`) and each rank keeps its
+tensor-parallel slices. `export_hf` writes the trained model back as a HF folder or a PEFT
 adapter that transformers/peft/vLLM load.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from nemo_automodel.errors import ConfigError, bad_value
 from nemo_automodel.megatron import convert
 from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
+from nemo_automodel.megatron.hf_checkpoint import SafetensorsCheckpoint, checkpoint_folder
 from nemo_automodel.megatron.strategy import import_megatron
 from nemo_automodel.models.hf_causal_lm import resolve_dtype
 from nemo_automodel.models.tokenizer import load_tokenizer
@@ -91,16 +94,29 @@ class MegatronGPTModel:
             self.config = gpt_config_from_hf(self._hf_config())
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.config.check_tensor_parallel(tp)
+        # pretrained weights overwrite every parameter (checked): skip Megatron's random init, which on the CPU
+        # builds each full weight and copies this rank's slice out of it
         tcfg = self.config.transformer_config(tensor_model_parallel_size=tp, params_dtype=self.dtype,
-                                              bf16=self.dtype == torch.bfloat16, fp16=self.dtype == torch.float16)
+                                              bf16=self.dtype == torch.bfloat16, fp16=self.dtype == torch.float16,
+                                              perform_initialization=not self.load_pretrained_weights)
         model = GPTModel(config=tcfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                          **self.config.gpt_model_kwargs())
         if self.load_pretrained_weights:
-            load_hf_weights(model, self._hf_state_dict(), self.config, tp, parallel_state.get_tensor_model_parallel_rank())
+            load_hf_weights(model, self._hf_tensors(), self.config, tp, parallel_state.get_tensor_model_parallel_rank())
+        tcfg.perform_initialization = True  # layers added later (LoRA) share this config and need their init
         self.model = model.to(device)
         return self.model
 
-    def _hf_state_dict(self) -> dict[str, torch.Tensor]:
+    def _hf_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The HF checkpoint's tensors by name: read lazily from safetensors, else via transformers."""
+        try:
+            folder = checkpoint_folder(self.model_id, self.revision)
+        except Exception as err:  # noqa: BLE001 (hub/network errors: transformers reports them better)
+            log.warning("reading %s's safetensors directly failed (%s); loading it with transformers",
+                        self.model_id, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            folder = None
+        if folder is not None:
+            return SafetensorsCheckpoint(folder)
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self.dtype, revision=self.revision,
@@ -187,17 +203,26 @@ def _tp_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     return parts
 
 
-def load_hf_weights(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], cfg: GPTConfig, tp: int,
+def load_hf_weights(model: torch.nn.Module, hf_tensors: Mapping[str, torch.Tensor], cfg: GPTConfig, tp: int,
                     tp_rank: int) -> None:
-    """Copy converted HF weights (this rank's TP slices) into a Megatron GPTModel; strict on parameters."""
-    full = convert.hf_to_megatron(hf_state, cfg)
-    local = {name: convert.shard(name, t, tp, tp_rank) for name, t in full.items()}
-    result = model.load_state_dict(local, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
-               and not (k == "output_layer.weight" and cfg.share_embeddings_and_output_weights)]
-    if missing or result.unexpected_keys:
-        raise ConfigError(f"HF -> Megatron conversion left parameters unset {missing[:4]} or unknown "
-                          f"{result.unexpected_keys[:4]}")
+    """Copy converted HF weights (this rank's TP slices) into a Megatron GPTModel, one tensor at a
+    time; strict on parameters."""
+    params = dict(model.named_parameters())
+    unknown, loaded = [], set()
+    try:
+        with torch.no_grad():
+            for name, full in convert.iter_hf_to_megatron(hf_tensors, cfg):
+                local = convert.shard(name, full, tp, tp_rank)
+                if name not in params or params[name].shape != local.shape:
+                    unknown.append(f"{name}{tuple(local.shape)}")
+                    continue
+                params[name].copy_(local)
+                loaded.add(name)
+    except KeyError as err:
+        raise ConfigError(f"HF -> Megatron conversion: the checkpoint has no tensor {err}") from err
+    missing = sorted(params.keys() - loaded)
+    if missing or unknown:
+        raise ConfigError(f"HF -> Megatron conversion left parameters unset {missing[:4]} or unmatched {unknown[:4]}")
 
 
 def write_hf_model(target: Path, megatron_state: dict[str, torch.Tensor], cfg: GPTConfig) -> None:

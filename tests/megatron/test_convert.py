@@ -66,3 +66,28 @@ def test_tensor_parallel_size_must_divide_the_model():
     cfg = gpt_config_from_hf(transformers.Qwen2Config(num_attention_heads=14, num_key_value_heads=2, hidden_size=896))
     with pytest.raises(ConfigError, match=r"tensor_model_parallel_size=4 does not divide .*num_attention_heads"):
         cfg.check_tensor_parallel(4)
+
+
+def test_weights_stream_from_sharded_safetensors_like_transformers_loads_them(megatron_model_factory, megatron_strategy,
+                                                                              tmp_path):
+    """A sharded bf16 checkpoint read tensor by tensor gives the same fp32 model as a .bin-only copy,
+    which goes through transformers; a tensor missing from the checkpoint is named."""
+    from safetensors.torch import load_file, save_file
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(megatron_model_factory("qwen2"), dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    hf.config.save_pretrained(tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+
+    streamed = dict(MegatronGPTModel(str(tmp_path / "sharded")).configure_model().named_parameters())
+    loaded = dict(MegatronGPTModel(str(tmp_path / "bin")).configure_model().named_parameters())
+    assert streamed.keys() == loaded.keys()
+    assert all(streamed[k].dtype == torch.float32 and torch.equal(streamed[k], loaded[k]) for k in streamed)
+
+    hf.save_pretrained(tmp_path / "broken")
+    tensors = load_file(tmp_path / "broken" / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "broken" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="checkpoint has no tensor 'model.layers.1.mlp.up_proj.weight'"):
+        MegatronGPTModel(str(tmp_path / "broken")).configure_model()
