@@ -1,9 +1,10 @@
 """A HF checkpoint's tensors read one at a time from its safetensors files.
 
-Converting through a loaded transformers model keeps the whole HF model and the whole converted
-state dict in memory on every rank. `SafetensorsCheckpoint` is a read-only mapping from HF
-tensor names to tensors that opens each file memory-mapped and reads a tensor only when asked,
-so the HF -> Megatron load holds one full tensor at a time besides this rank's model slice.
+Loading through transformers first materializes the whole HF model on every rank (a full copy
+whenever the checkpoint's dtype differs from the training dtype, as with bf16 Hub checkpoints and
+fp32 training). `SafetensorsCheckpoint` is a read-only mapping from HF tensor names to tensors
+that opens each file memory-mapped and reads a tensor only when asked, so the HF -> Megatron
+load holds one full tensor at a time besides this rank's model slice.
 """
 
 from __future__ import annotations
