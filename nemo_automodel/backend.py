@@ -23,7 +23,13 @@ import torch
 
 from nemo_automodel.errors import ConfigError, bad_value
 from nemo_automodel.megatron.model import MegatronGPTModel
-from nemo_automodel.megatron.optim import MegatronOptimizerModule
+from nemo_automodel.megatron.optim import (
+    BETAS,
+    TORCH_OPTIMIZERS,
+    TORCH_TO_MEGATRON,
+    MegatronOptimizerModule,
+    torch_kwargs,
+)
 from nemo_automodel.megatron.strategy import MegatronStrategy, import_megatron
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.optim import OptimizerModule
@@ -31,8 +37,6 @@ from nemo_automodel.optim import OptimizerModule
 log = logging.getLogger(__name__)
 
 SHARED_MODEL_ARGS = ("model_id", "load_pretrained_weights", "tokenizer", "torch_dtype", "revision", "trust_remote_code")
-ADAMW_TO_MEGATRON = {"lr": "lr", "weight_decay": "weight_decay", "eps": "adam_eps"}
-SGD_TO_MEGATRON = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "sgd_momentum"}
 
 
 def to_megatron(recipe: run.Partial, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -136,12 +140,12 @@ def _megatron_optim(optim: fdl.Buildable) -> run.Config:
     fn = optim.__arguments__.get("optimizer_fn")
     target = fdl.get_callable(fn) if isinstance(fn, fdl.Buildable) else None
     if target is torch.optim.AdamW or (target is torch.optim.Adam and not fn.__arguments__.get("weight_decay")):
-        kind, names = "adam", ADAMW_TO_MEGATRON
+        kind = "adam"
     elif target is torch.optim.SGD:
-        kind, names = "sgd", SGD_TO_MEGATRON
+        kind = "sgd"
     else:
         raise ConfigError(f"optimizer {_describe(fn)} has no Megatron OptimizerConfig counterpart: use AdamW or SGD")
-    args = fn.__arguments__
+    args, names = fn.__arguments__, TORCH_TO_MEGATRON[kind]
     fields = {names[k]: v for k, v in args.items() if k in names}
     if "betas" in args:
         fields["adam_beta1"], fields["adam_beta2"] = args["betas"]
@@ -162,12 +166,8 @@ def _automodel_optim(optim: fdl.Buildable) -> run.Config:
     kind = args.pop("optimizer", "adam")
     if args.pop("clip_grad", 0.0):
         log.warning("to_automodel: OptimizerConfig.clip_grad is dropped: set trainer.gradient_clip_val")
-    names = {v: k for k, v in (ADAMW_TO_MEGATRON if kind == "adam" else SGD_TO_MEGATRON).items()}
-    kwargs = {names[k]: v for k, v in args.items() if k in names}
-    dropped = sorted(set(args) - set(names) - {"adam_beta1", "adam_beta2"})
+    dropped = sorted(set(args) - set(TORCH_TO_MEGATRON[kind].values()) - set(BETAS))
     if dropped:
         log.warning("to_automodel: OptimizerConfig fields %s have no AutoModel counterpart and are dropped", dropped)
-    if "adam_beta1" in args or "adam_beta2" in args:
-        kwargs["betas"] = (args.get("adam_beta1", 0.9), args.get("adam_beta2", 0.999))
-    fn = run.Partial(torch.optim.AdamW if kind == "adam" else torch.optim.SGD, **kwargs)
+    fn = run.Partial(TORCH_OPTIMIZERS[kind], **torch_kwargs(kind, args))
     return run.Config(OptimizerModule, optimizer_fn=fn, **_pick(optim, ("lr_scheduler",)))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from nemo_automodel.trainer.hf_export import INDEX_FILE
+
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):

@@ -27,6 +27,7 @@ from nemo_automodel.megatron.hf_checkpoint import SafetensorsCheckpoint, checkpo
 from nemo_automodel.megatron.strategy import import_megatron
 from nemo_automodel.models.hf_causal_lm import resolve_dtype
 from nemo_automodel.models.tokenizer import load_tokenizer
+from nemo_automodel.trainer.hf_export import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +150,14 @@ class MegatronGPTModel:
         return torch.cat(_tp_parts(module(*self._inputs(batch)).detach()), dim=-1)
 
     # -- export ----------------------------------------------------------------------------
-    def full_state_dict(self, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Every Megatron parameter, gathered over the tensor-parallel group, by its Megatron name
-        (adapted layers' ``.base_layer`` dropped); the same on every TP rank."""
+    def full_state_dict(self, module: torch.nn.Module | None = None, lora_only: bool = False) -> dict[str, torch.Tensor]:
+        """Every Megatron parameter (or only the LoRA ones), gathered over the tensor-parallel group,
+        by its Megatron name (adapted layers' ``.base_layer`` dropped); the same on every TP rank."""
         out = {}
         for name, param in _unwrap(module or self.model).named_parameters():
             name = name.replace(".base_layer", "")
+            if lora_only and ".lora_" not in name:
+                continue
             local = param.detach()
             if convert.split_dim(name) is not None:
                 local = convert.unshard(name, _tp_parts(local))
@@ -163,14 +166,13 @@ class MegatronGPTModel:
 
     def export_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
         """Write ``out/model`` (HF safetensors) or ``out/hf_adapter`` (PEFT) from a Megatron model."""
-        state = self.full_state_dict(module)
         peft = hasattr(self.model, "peft_config")
+        state = self.full_state_dict(module, lora_only=peft)  # an adapter export gathers no frozen base weight
         target = Path(out) / ("hf_adapter" if peft else "model")
         if strategy.rank == 0:
             target.mkdir(parents=True, exist_ok=True)
             if peft:
-                lora = {k: v for k, v in state.items() if ".lora_" in k}
-                write_peft_adapter(target, lora, self.config, self.model.peft_config["default"], self.model_id)
+                write_peft_adapter(target, state, self.config, self.model.peft_config["default"], self.model_id)
             else:
                 write_hf_model(target, state, self.config)
             if self.tokenizer_id is not None:
@@ -236,7 +238,7 @@ def write_hf_model(target: Path, megatron_state: dict[str, torch.Tensor], cfg: G
         save_file({n: hf[n] for n in names}, str(target / filename), metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (target / INDEX_FILE).write_text(json.dumps(index, indent=2))
     hf_config = cfg.to_hf()
     hf_config.torch_dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     hf_config.save_pretrained(target)

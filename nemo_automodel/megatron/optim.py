@@ -19,6 +19,21 @@ import torch
 from nemo_automodel.errors import ConfigError, bad_value
 from nemo_automodel.optim import OptimizerModule, WarmupCosineSchedule
 
+TORCH_OPTIMIZERS = {"adam": torch.optim.AdamW, "sgd": torch.optim.SGD}
+# torch argument -> OptimizerConfig field, per optimizer (Adam's ``betas`` are adam_beta1/adam_beta2)
+TORCH_TO_MEGATRON = {"adam": {"lr": "lr", "weight_decay": "weight_decay", "eps": "adam_eps"},
+                     "sgd": {"lr": "lr", "weight_decay": "weight_decay", "momentum": "sgd_momentum"}}
+BETAS = ("adam_beta1", "adam_beta2")
+
+
+def torch_kwargs(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The torch optimizer's arguments for the given OptimizerConfig ``fields`` (only those present)."""
+    names = {v: k for k, v in TORCH_TO_MEGATRON[kind].items()}
+    kwargs = {names[k]: v for k, v in fields.items() if k in names}
+    if kind == "adam" and any(b in fields for b in BETAS):
+        kwargs["betas"] = (fields.get("adam_beta1", 0.9), fields.get("adam_beta2", 0.999))
+    return kwargs
+
 
 class MegatronOptimizerModule(OptimizerModule):
     """Megatron ``OptimizerConfig`` + an optional LR schedule -> ``(optimizer, scheduler)``."""
@@ -29,14 +44,11 @@ class MegatronOptimizerModule(OptimizerModule):
                               "this trainer does not drive: set it to False (torch DDP over the data-parallel group)")
         if config.lr is None:
             raise bad_value("OptimizerConfig.lr", None, "set a learning rate")
-        if config.optimizer == "adam":
-            fn = functools.partial(torch.optim.AdamW, lr=config.lr, weight_decay=config.weight_decay,
-                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
-        elif config.optimizer == "sgd":
-            fn = functools.partial(torch.optim.SGD, lr=config.lr, weight_decay=config.weight_decay,
-                                   momentum=config.sgd_momentum)
-        else:
-            raise bad_value("OptimizerConfig.optimizer", config.optimizer, "use 'adam' or 'sgd'")
+        kind = config.optimizer
+        if kind not in TORCH_OPTIMIZERS:
+            raise bad_value("OptimizerConfig.optimizer", kind, "use 'adam' or 'sgd'")
+        fields = {f: getattr(config, f) for f in (*TORCH_TO_MEGATRON[kind].values(), *BETAS)}
+        fn = functools.partial(TORCH_OPTIMIZERS[kind], **torch_kwargs(kind, fields))
         super().__init__(optimizer_fn=fn, lr_scheduler=lr_scheduler)
         self.config = config
 

@@ -60,7 +60,6 @@ class MegatronStrategy(SingleDeviceStrategy):
         self.context_parallel_size = context_parallel_size
         self.sequence_parallel = sequence_parallel
         self.ddp = ddp
-        self.dp_group = None
 
     def setup(self, accelerator: str = "auto") -> None:
         super().setup(accelerator)

@@ -89,9 +89,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,  # imported on use: graph builds stay fast
-    )
+    # torch.distributed.checkpoint is imported on use throughout: graph builds stay fast
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(ignore_frozen_params=True, **kw)
 
@@ -119,7 +118,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
 
     if strategy.rank == 0:
         meta = {"step": step, "world_size": strategy.world_size, "dp_size": strategy.dp_size,
-                "tensor_parallel": _tensor_parallel(strategy), "peft": is_peft(model.model),
+                "tensor_parallel": strategy.tensor_model_parallel_size, "peft": is_peft(model.model),
                 "micro_batch_size": getattr(data, "micro_batch_size", None), "preempted": preempted,
                 "saved_at": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics or {}}
         _fsync_tree(tmp)
@@ -181,10 +180,6 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _tensor_parallel(strategy) -> int:
-    return getattr(strategy, "tensor_model_parallel_size", 1)
-
-
 def _dcp_target(ckpt: Path, strategy) -> dict:
     """Where this rank's DCP state goes: ``state/`` (or ``state/tpNN/`` per tensor-parallel rank)."""
     sub, group = strategy.checkpoint_shard()
@@ -203,9 +198,9 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     """
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
-    if meta.get("tensor_parallel", 1) != _tensor_parallel(strategy):
+    if meta.get("tensor_parallel", 1) != strategy.tensor_model_parallel_size:
         raise ConfigError(f"{path} was saved with tensor_model_parallel_size={meta.get('tensor_parallel', 1)}, this "
-                          f"run uses {_tensor_parallel(strategy)}: resume with the same tensor-parallel size")
+                          f"run uses {strategy.tensor_model_parallel_size}: resume with the same tensor-parallel size")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

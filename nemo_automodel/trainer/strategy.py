@@ -54,6 +54,7 @@ class SingleDeviceStrategy:
 
     # data parallelism: every rank is a replica here; MegatronStrategy narrows it to its DP group
     dp_group = None
+    tensor_model_parallel_size = 1
 
     @property
     def dp_size(self) -> int:
