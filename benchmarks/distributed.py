@@ -99,7 +99,7 @@ def build_inputs(args, workdir: Path) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    from nemo_automodel.assets import save_smollm2_tokenizer
+    from nemo_automodel.demo.assets import save_smollm2_tokenizer
 
     model_dir, data_dir = workdir / "model", workdir / "data"
     cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -123,9 +123,9 @@ def run_mode(args) -> None:
     from nemo_automodel.api import finetune
     from nemo_automodel.data import HFDatasetDataModule
     from nemo_automodel.models import HFAutoModelForCausalLM
-    from nemo_automodel.optim import OptimizerModule
     from nemo_automodel.peft import LoRA
     from nemo_automodel.trainer import NeMoLogger, Trainer
+    from nemo_automodel.trainer.optim import OptimizerModule
 
     workdir = Path(args.workdir)
     devices, strategy = MODES[args.mode]

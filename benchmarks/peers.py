@@ -33,7 +33,7 @@ WORKERS = ("ours", "ours-padded", "ours-bf16", "ours-chunked", "hf", "trl")
 
 
 def _rows(args) -> list[list[dict]]:
-    from nemo_automodel.assets import demo_chat_dataset
+    from nemo_automodel.demo.assets import demo_chat_dataset
 
     n = 8 * (args.warmup + args.steps) * 2  # enough rows for every worker's steps
     return demo_chat_dataset(limit=n, seed=0)["messages"]
@@ -70,8 +70,9 @@ def run_ours(args, variant: str) -> tuple[int, float]:
     import datasets
     import fiddle as fdl
 
-    from nemo_automodel import assets, llm
     from nemo_automodel import lightning as nl
+    from nemo_automodel import llm
+    from nemo_automodel.demo import assets
 
     packed = variant != "ours-padded"
     times, seen = [], []
@@ -103,7 +104,7 @@ def _hf_model():
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from nemo_automodel import assets
+    from nemo_automodel.demo import assets
 
     model = transformers.AutoModelForCausalLM.from_pretrained(assets.smollm2_hf_dir(), attn_implementation="sdpa")
     model.config.use_cache = False

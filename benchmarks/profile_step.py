@@ -35,7 +35,7 @@ def _llama512():
 def _smollm2_lora():
     from peft import LoraConfig, get_peft_model
 
-    from nemo_automodel import assets
+    from nemo_automodel.demo import assets
 
     model = transformers.AutoModelForCausalLM.from_pretrained(assets.smollm2_hf_dir(), dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -159,7 +159,7 @@ def run_pair(model_dir: Path, ds: datasets.Dataset, args: argparse.Namespace, lo
     timer = Interleave(hand)
     callbacks = [timer]
     if args.jit:
-        from nemo_automodel.jit import JitConfig, JitTransform
+        from nemo_automodel.trainer.jit import JitConfig, JitTransform
 
         callbacks.insert(0, JitTransform(JitConfig(use_torch=True)))
     llm.api.finetune(

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import nemo_run as run
 
 from executors.docker import docker
-from executors.env import job_env, venv_bin
 from executors.local import local
 from executors.slurm import slurm
+from nemo_automodel.launch.job_env import job_env, venv_bin
 
 __all__ = ["local", "docker", "slurm", "job_env", "venv_bin", "REGISTRY"]
 

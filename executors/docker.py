@@ -7,8 +7,8 @@ from typing import Optional
 
 import nemo_run as run
 
-from executors.env import job_env, python_roots, resolve_launcher
 from nemo_automodel.errors import bad_value
+from nemo_automodel.launch.job_env import job_env, python_roots, resolve_launcher
 
 DEFAULT_IMAGE = os.environ.get("NEMO_AUTOMODEL_DOCKER_IMAGE", "nemo-automodel-ci:bookworm")
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import nemo_run as run
 
-from executors.env import job_env, resolve_launcher
+from nemo_automodel.launch.job_env import job_env, resolve_launcher
 
 
 def local(ntasks_per_node: int = 1, launcher: Optional[str] = "auto", env_vars: Optional[dict[str, str]] = None,

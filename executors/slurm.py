@@ -10,8 +10,8 @@ from typing import Any, Optional, Union
 import nemo_run as run
 from nemo_run.config import get_nemorun_home
 
-from executors.env import job_env, resolve_launcher, venv_bin
-from nemo_automodel.errors import bad_value
+from nemo_automodel.errors import bad_value, check_int
+from nemo_automodel.launch.job_env import job_env, resolve_launcher, venv_bin
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
 _PLAIN = re.compile(r"^[A-Za-z0-9_.,+-]+$")  # sbatch values that also land in shell lines (log paths)
@@ -50,8 +50,7 @@ def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1
         exclusive, job_name_prefix, additional_parameters: more ``sbatch`` options.
     """
     for field, value in (("nodes", nodes), ("ntasks_per_node", ntasks_per_node), ("gpus_per_node", gpus_per_node)):
-        if value is not None and value < 1:
-            raise bad_value(field, value, "use 1 or more")
+        check_int(field, value, allow_none=True)
     for field, value in (("account", account), ("partition", partition), ("qos", qos), ("mem", mem),
                          ("job_name_prefix", job_name_prefix)):
         if value is not None and not _PLAIN.match(str(value)):

@@ -14,6 +14,20 @@ def bad_value(field: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"{field}={value!r} is invalid: {expected}")
 
 
+def check_int(field: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
+    """Refuse anything but an int >= ``minimum`` (bools too), with the standard one-line error."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise bad_value(field, value, f"use an integer >= {minimum}" + (" or None" if allow_none else ""))
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def validated(fn):
     """``pydantic.validate_call`` whose failures become a one-line ConfigError.
 

@@ -86,8 +86,8 @@ def megatron_finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruc
                              tensor_parallel: int = 1, dir: str = "nemo_experiments", name: str = "finetune",
                              num_gpus_per_node: int = 1, max_steps: int = 100, lr: float | None = None,
                              seq_length: int = 512, micro_batch_size: int = 4, global_batch_size: int = 8) -> run.Partial:
-    """`finetune_recipe` moved to Megatron-Core (same weights, optimizer, data): see nemo_automodel.backend."""
-    from nemo_automodel.backend import to_megatron
+    """`finetune_recipe` moved to Megatron-Core (same weights, optimizer, data): see nemo_automodel.megatron.swap."""
+    from nemo_automodel.megatron.swap import to_megatron
 
     recipe = finetune_recipe(model_id=model_id, dataset=dataset, formatting=formatting, peft_scheme=peft_scheme,
                              dir=dir, name=name, num_gpus_per_node=num_gpus_per_node, max_steps=max_steps, lr=lr,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import nemo_run as run
 
-from nemo_automodel import api, assets
+from nemo_automodel import api
+from nemo_automodel.demo import assets
 from recipes import hf_auto_model_for_causal_lm as base
 
 

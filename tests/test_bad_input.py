@@ -17,7 +17,7 @@ from nemo_automodel.errors import ConfigError
 
 SCRIPT = """
 import sys, nemo_run as run
-from nemo_automodel.cli import run_graph
+from nemo_automodel.launch.guard import run_graph
 from recipes.hf_auto_model_for_causal_lm import finetune_recipe
 kw = {kw}
 recipe = finetune_recipe(model_id=kw.pop("model_id"), dataset=kw.pop("dataset"), formatting="chat", dir=kw.pop("dir"),

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from nemo_automodel import lightning as nl
 from nemo_automodel import llm
-from nemo_automodel.optim import OptimizerModule
+from nemo_automodel.trainer.optim import OptimizerModule
 from tests.helpers import chat_dataset, train_losses
 
 

@@ -3,7 +3,7 @@
 #
 # The AutoModel path trains any Hugging Face model on day 0. Megatron-Core gives the highest
 # throughput for the popular families at scale (tensor parallelism splits every layer across
-# GPUs). `nemo_automodel.backend.to_megatron` moves a working recipe over with one call: the
+# GPUs). `nemo_automodel.megatron.swap.to_megatron` moves a working recipe over with one call: the
 # model node becomes a Megatron GPT model built from the same weights, the optimizer node a
 # Megatron optimizer module with the same hyper-parameters, the strategy Megatron's. PEFT and
 # data nodes stay as they are. `to_automodel` moves it back.
@@ -21,8 +21,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from nemo_automodel import assets
-from nemo_automodel.backend import to_automodel, to_megatron
+from nemo_automodel.demo import assets
+from nemo_automodel.megatron.swap import to_automodel, to_megatron
 from nemo_automodel.trainer.metrics import read_metrics
 from recipes.hf_auto_model_for_causal_lm import finetune_recipe
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import nemo_run as run
 
 import executors
-from nemo_automodel import assets
-from nemo_automodel.experiment import Experiment, JobFailed
+from nemo_automodel.demo import assets
+from nemo_automodel.launch.experiment import Experiment, JobFailed
 from recipes import hf_auto_model_for_causal_lm as base
 
 # %% [markdown]

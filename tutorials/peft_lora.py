@@ -31,11 +31,12 @@ from fiddle import printing
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_automodel import assets, llm
 from nemo_automodel import lightning as nl
+from nemo_automodel import llm
 from nemo_automodel.data import chat_tokens
+from nemo_automodel.demo import assets
+from nemo_automodel.demo.chat import generate_chat
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.generate import generate_chat
 from nemo_automodel.peft import resolve_target_modules
 from nemo_automodel.peft.targets import summarize
 from nemo_automodel.trainer.metrics import read_metrics

@@ -27,9 +27,10 @@ import torch
 from fiddle import printing
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_automodel import assets, llm
 from nemo_automodel import lightning as nl
-from nemo_automodel.generate import generate_chat
+from nemo_automodel import llm
+from nemo_automodel.demo import assets
+from nemo_automodel.demo.chat import generate_chat
 from nemo_automodel.trainer.metrics import read_metrics
 
 # %% [markdown]

@@ -26,8 +26,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_automodel import assets, llm
 from nemo_automodel import lightning as nl
+from nemo_automodel import llm
+from nemo_automodel.demo import assets
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.export import Job, generate_jobs, serve_command
 

@@ -19,7 +19,7 @@ from nemo_automodel.data.formatting import Formatting, check_columns, check_form
 from nemo_automodel.data.loading import load_split, open_local, parse_split
 from nemo_automodel.data.rows import Rows, SampleStore
 from nemo_automodel.data.sampler import MicroBatchSampler, rank_batches
-from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.errors import ConfigError, bad_value, check_int
 
 if TYPE_CHECKING:  # datasets is imported in setup(): building a graph stays fast
     import datasets
@@ -41,13 +41,6 @@ def _features() -> datasets.Features:
         "loss_mask": datasets.Sequence(datasets.Value("float32")),
         "prompt_len": datasets.Value("int64"),
     })
-
-
-def _check_int(field: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise bad_value(field, value, f"an integer >= {minimum}" + (" or None" if allow_none else ""))
 
 
 class HFDatasetDataModule:
@@ -74,14 +67,14 @@ class HFDatasetDataModule:
                  packed_sequence_size: int = 0,
                  shuffle: bool = True, seed: int = 1234, limit_samples: int | None = None,
                  num_proc: int | None = None, **load_kwargs: Any):
-        _check_int("seq_length", seq_length, 2)
-        _check_int("micro_batch_size", micro_batch_size, 1)
-        _check_int("global_batch_size", global_batch_size, 1, allow_none=True)
-        _check_int("pad_token_id", pad_token_id, 0, allow_none=True)
-        _check_int("packed_sequence_size", packed_sequence_size, 0)
-        _check_int("seed", seed, 0)
-        _check_int("limit_samples", limit_samples, 1, allow_none=True)
-        _check_int("num_proc", num_proc, 1, allow_none=True)
+        check_int("seq_length", seq_length, 2)
+        check_int("micro_batch_size", micro_batch_size, 1)
+        check_int("global_batch_size", global_batch_size, 1, allow_none=True)
+        check_int("pad_token_id", pad_token_id, 0, allow_none=True)
+        check_int("packed_sequence_size", packed_sequence_size, 0)
+        check_int("seed", seed, 0)
+        check_int("limit_samples", limit_samples, 1, allow_none=True)
+        check_int("num_proc", num_proc, 1, allow_none=True)
         if global_batch_size is not None and global_batch_size % micro_batch_size:
             raise bad_value("global_batch_size", global_batch_size,
                             f"a multiple of micro_batch_size={micro_batch_size}")
@@ -119,7 +112,7 @@ class HFDatasetDataModule:
     # ---- setup -----------------------------------------------------------------------------
     def setup(self, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1) -> None:
         """Load, map, format, filter and pack; build this rank's sampler. Cheap when repeated."""
-        _check_int("dp_size", dp_size, 1)
+        check_int("dp_size", dp_size, 1)
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise bad_value("dp_rank", dp_rank, f"a rank in 0..{dp_size - 1}")
         self._dp_rank, self._dp_size = dp_rank, dp_size

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nemo_automodel.errors import ConfigError
+from nemo_automodel.errors import ConfigError, first_line
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 UNSUPPORTED_FLAGS = {
@@ -108,7 +108,7 @@ def _meta_model(base_model: str):
     try:
         config = AutoConfig.from_pretrained(base_model)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"base model {base_model!r} could not be read: {str(err).splitlines()[0]} "
+        raise ConfigError(f"base model {base_model!r} could not be read: {first_line(err)} "
                           "(pass base_model= a local folder or a reachable Hub id)") from err
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

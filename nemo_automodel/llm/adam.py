@@ -9,7 +9,7 @@ from __future__ import annotations
 import nemo_run as run
 import torch
 
-from nemo_automodel.optim import OptimizerModule, WarmupCosineSchedule
+from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
 
 
 def _adamw(lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> run.Partial:

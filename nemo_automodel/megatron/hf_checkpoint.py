@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_automodel.trainer.hf_export import INDEX_FILE
+from nemo_automodel.models.hf_save import INDEX_FILE
 
 SINGLE_FILE = "model.safetensors"
 

@@ -28,10 +28,6 @@ from nemo_automodel.megatron.convert import LORA_HF_NAMES
 from nemo_automodel.peft.targets import pattern_matcher, summarize
 
 
-def is_megatron_model(model: torch.nn.Module) -> bool:
-    return type(model).__module__.startswith("megatron.core")
-
-
 def hf_counterparts(name: str) -> list[str]:
     """HF module names computed by the Megatron layer ``name`` (empty for non-decoder layers)."""
     m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
@@ -108,10 +104,13 @@ def _kaiming_uniform(weight: torch.Tensor, generator: torch.Generator) -> torch.
         return weight.copy_(torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
 
 
-def apply_megatron_lora(model: torch.nn.Module, names: list[str], r: int, alpha: float, dropout: float):
-    """Freeze ``model`` and wrap each named layer in `LoRAParallelLinear`; returns the same model."""
+def apply_megatron_lora(model: torch.nn.Module, peft) -> torch.nn.Module:
+    """Freeze ``model`` and wrap the layers ``peft`` (a ``contracts.PeftMethod``) selects in
+    `LoRAParallelLinear`; returns the same model."""
     from peft import LoraConfig
 
+    names = resolve_megatron_targets(model, peft.target_modules, peft.exclude_modules)
+    r, alpha, dropout = peft.dim, peft.alpha, peft.dropout
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

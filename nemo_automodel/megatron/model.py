@@ -4,7 +4,7 @@ Nothing is read until `configure_model` (which runs where the job runs, after
 `MegatronStrategy.setup`): the HF config gives the architecture (`gpt_config_from_hf`), the HF
 weights are read tensor by tensor from the checkpoint's safetensors (transformers loads the
 checkpoints that have none), converted (`convert.iter_hf_to_megatron`) and each rank keeps its
-tensor-parallel slices. `export_hf` writes the trained model back as a HF folder or a PEFT
+tensor-parallel slices. `save_hf` writes the trained model back as a HF folder or a PEFT
 adapter that transformers/peft/vLLM load.
 """
 
@@ -20,14 +20,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.errors import ConfigError, bad_value, first_line
 from nemo_automodel.megatron import convert
 from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
 from nemo_automodel.megatron.hf_checkpoint import SafetensorsCheckpoint, checkpoint_folder
+from nemo_automodel.megatron.lora import apply_megatron_lora
 from nemo_automodel.megatron.strategy import import_megatron
 from nemo_automodel.models.hf_causal_lm import resolve_dtype
+from nemo_automodel.models.hf_save import INDEX_FILE
 from nemo_automodel.models.tokenizer import load_tokenizer
-from nemo_automodel.trainer.hf_export import INDEX_FILE
+from nemo_automodel.trainer.strategy import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class MegatronGPTModel:
         self.dtype = resolve_dtype(torch_dtype)
         self.revision, self.trust_remote_code = revision, trust_remote_code
         self.model: torch.nn.Module | None = None
+        self.is_peft = False
         self._tokenizer = None
 
     @property
@@ -87,7 +90,7 @@ class MegatronGPTModel:
         parallel_state, _ = import_megatron()
         if not parallel_state.model_parallel_is_initialized():
             raise ConfigError("MegatronGPTModel needs trainer strategy=MegatronStrategy(...) "
-                              "(use nemo_automodel.backend.to_megatron on an AutoModel recipe)")
+                              "(use nemo_automodel.megatron.swap.to_megatron on an AutoModel recipe)")
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -114,7 +117,7 @@ class MegatronGPTModel:
             folder = checkpoint_folder(self.model_id, self.revision)
         except Exception as err:  # noqa: BLE001 (hub/network errors: transformers reports them better)
             log.warning("reading %s's safetensors directly failed (%s); loading it with transformers",
-                        self.model_id, str(err).splitlines()[0] if str(err) else type(err).__name__)
+                        self.model_id, first_line(err))
             folder = None
         if folder is not None:
             return SafetensorsCheckpoint(folder)
@@ -123,6 +126,14 @@ class MegatronGPTModel:
         hf = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self.dtype, revision=self.revision,
                                                   trust_remote_code=self.trust_remote_code)
         return hf.state_dict()
+
+    def apply_peft(self, peft) -> torch.nn.Module:
+        """LoRA on Megatron's fused parallel linears, selected by the same ``target_modules`` as on HF."""
+        if self.model is None:
+            raise ConfigError("MegatronGPTModel.apply_peft needs configure_model() first")
+        self.model = apply_megatron_lora(self.model, peft)
+        self.is_peft = True
+        return self.model
 
     # -- training --------------------------------------------------------------------------
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,7 +165,7 @@ class MegatronGPTModel:
         """Every Megatron parameter (or only the LoRA ones), gathered over the tensor-parallel group,
         by its Megatron name (adapted layers' ``.base_layer`` dropped); the same on every TP rank."""
         out = {}
-        for name, param in _unwrap(module or self.model).named_parameters():
+        for name, param in unwrap(module or self.model).named_parameters():
             name = name.replace(".base_layer", "")
             if lora_only and ".lora_" not in name:
                 continue
@@ -164,9 +175,9 @@ class MegatronGPTModel:
             out[name] = local.cpu()
         return out
 
-    def export_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
+    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
         """Write ``out/model`` (HF safetensors) or ``out/hf_adapter`` (PEFT) from a Megatron model."""
-        peft = hasattr(self.model, "peft_config")
+        peft = self.is_peft
         state = self.full_state_dict(module, lora_only=peft)  # an adapter export gathers no frozen base weight
         target = Path(out) / ("hf_adapter" if peft else "model")
         if strategy.rank == 0:
@@ -187,10 +198,6 @@ def LlamaModel(config: GPTConfig | None = None, model_id: str | None = None, **k
 
 
 Qwen2Model = MistralModel = LlamaModel  # the same GPT layer; the config names the family
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 def _tp_parts(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nemo_automodel.errors import ConfigError, bad_value
-from nemo_automodel.optim import OptimizerModule, WarmupCosineSchedule
+from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
 
 TORCH_OPTIMIZERS = {"adam": torch.optim.AdamW, "sgd": torch.optim.SGD}
 # torch argument -> OptimizerConfig field, per optimizer (Adam's ``betas`` are adam_beta1/adam_beta2)
@@ -51,7 +51,4 @@ class MegatronOptimizerModule(OptimizerModule):
         fn = functools.partial(TORCH_OPTIMIZERS[kind], **torch_kwargs(kind, fields))
         super().__init__(optimizer_fn=fn, lr_scheduler=lr_scheduler)
         self.config = config
-
-    @property
-    def clip_grad(self) -> float | None:
-        return self.config.clip_grad or None
+        self.clip_grad = config.clip_grad or None

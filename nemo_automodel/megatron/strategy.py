@@ -15,8 +15,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from nemo_automodel.errors import ConfigError, bad_value
-from nemo_automodel.trainer.strategy import DDPStrategy, SingleDeviceStrategy
+from nemo_automodel.errors import ConfigError, bad_value, check_int
+from nemo_automodel.trainer.strategy import ProcessGroupStrategy, ddp_grad_sync
 
 
 def import_megatron():
@@ -32,7 +32,7 @@ def import_megatron():
     return parallel_state, tensor_parallel
 
 
-class MegatronStrategy(SingleDeviceStrategy):
+class MegatronStrategy(ProcessGroupStrategy):
     """Megatron-Core model parallelism (NeMo's ``nl.MegatronStrategy`` arguments).
 
     Args:
@@ -50,8 +50,7 @@ class MegatronStrategy(SingleDeviceStrategy):
         for field, value in (("tensor_model_parallel_size", tensor_model_parallel_size),
                              ("pipeline_model_parallel_size", pipeline_model_parallel_size),
                              ("context_parallel_size", context_parallel_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad_value(field, value, "a positive integer")
+            check_int(field, value)
         if ddp != "pytorch":
             raise bad_value("ddp", ddp, "use 'pytorch' (Megatron's own DDP and distributed optimizer need its "
                                         "training schedule, which this trainer does not drive)")
@@ -60,6 +59,7 @@ class MegatronStrategy(SingleDeviceStrategy):
         self.context_parallel_size = context_parallel_size
         self.sequence_parallel = sequence_parallel
         self.ddp = ddp
+        self.dp_group = None  # Megatron's data-parallel group, once set up
 
     def setup(self, accelerator: str = "auto") -> None:
         super().setup(accelerator)
@@ -106,7 +106,14 @@ class MegatronStrategy(SingleDeviceStrategy):
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, process_group=self.dp_group)
 
-    grad_sync = DDPStrategy.grad_sync
+    def grad_sync(self, module, sync):
+        return ddp_grad_sync(module, sync)
+
+    def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
+        """Sum over Megatron's data-parallel group (tensor-parallel ranks hold the same batch), or all ranks."""
+        if self.is_distributed:
+            dist.all_reduce(tensor, group=None if world else self.dp_group)
+        return tensor
 
     def clip_grad_norm(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Clip by the global norm: TP-split parameters count once per shard, replicated ones once."""
@@ -133,6 +140,10 @@ class MegatronStrategy(SingleDeviceStrategy):
         if self.tensor_model_parallel_size == 1:
             return "", None
         return f"tp{parallel_state.get_tensor_model_parallel_rank():02d}", self.dp_group
+
+    def checkpoint_layout(self) -> dict[str, int]:
+        """Each TP rank's DCP folder holds its slices: resuming needs the same tensor-parallel size."""
+        return {"tensor_parallel": self.tensor_model_parallel_size}
 
     def teardown(self) -> None:
         with contextlib.suppress(Exception):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.errors import ConfigError, bad_value, check_int, first_line
 from nemo_automodel.models.chunked_ce import fused_lm_head_loss, lean_head_unsupported
+from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.loss import masked_cross_entropy
 from nemo_automodel.models.tokenizer import TokenizerAdapter, load_tokenizer
 
@@ -75,11 +75,10 @@ class HFAutoModelForCausalLM:
         self.revision = revision
         if chunked_loss not in (False, True, "auto", "torch", "cce"):
             raise bad_value("chunked_loss", chunked_loss, "True, False, 'auto', 'torch' or 'cce'")
-        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int)
-                                            or loss_chunk_size < 1):
-            raise bad_value("loss_chunk_size", loss_chunk_size, "a positive number of tokens or None")
+        check_int("loss_chunk_size", loss_chunk_size, allow_none=True)
         self.use_liger_kernel, self.chunked_loss, self.loss_chunk_size = use_liger_kernel, chunked_loss, loss_chunk_size
         self.model: torch.nn.Module | None = None
+        self.is_peft = False
         self._tokenizer = None
         self._loss_impl: str | None = None  # None: plain logits + masked_cross_entropy
 
@@ -139,17 +138,23 @@ class HFAutoModelForCausalLM:
                         config, trust_remote_code=self.trust_remote_code, **kwargs)
             except (ValueError, ImportError) as err:
                 if "attn" not in str(err).lower() and "attention" not in str(err).lower():
-                    raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {_first_line(err)}") from err
+                    raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {first_line(err)}") from err
                 log.warning("attn_implementation=%r unavailable for %s (%s); trying the next one",
-                            attn, self.model_id, _first_line(err))
+                            attn, self.model_id, first_line(err))
                 continue
             except OSError as err:
-                raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {_first_line(err)} "
+                raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {first_line(err)} "
                                   "(check the id or folder; offline runs need a local folder or a cached model)") from err
             if attn != self.attn_implementation:
                 log.warning("using attn_implementation=%r instead of %r", attn, self.attn_implementation)
             return model
         raise ConfigError(f"attn_implementation={self.attn_implementation!r}: no working attention kernel for {self.model_id}")
+
+    def apply_peft(self, peft) -> torch.nn.Module:
+        """Add ``peft``'s adapters (a ``contracts.PeftMethod``) to the loaded model; returns it."""
+        self.model = peft.apply(self.configure_model())
+        self.is_peft = True
+        return self.model
 
     # -- training ------------------------------------------------------------------------
     @staticmethod
@@ -172,12 +177,10 @@ class HFAutoModelForCausalLM:
         return masked_cross_entropy(self.forward(module, batch), batch["labels"], batch["loss_mask"])
 
     # -- saving --------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> Path:
-        """Write HF format (safetensors + config + tokenizer with chat template), or a PEFT adapter."""
-        path = Path(path)
-        self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        return path
+    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
+        """Write ``out/model`` (HF safetensors + config + tokenizer) or ``out/hf_adapter`` (PEFT)."""
+        return save_hf(out, hf_model=self.model, tokenizer=self.tokenizer, peft=self.is_peft, module=module,
+                       strategy=strategy)
 
 
 def apply_liger_kernel(model: torch.nn.Module) -> str:
@@ -196,7 +199,3 @@ def _importable(name: str) -> bool:
 
     return importlib.util.find_spec(name) is not None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nemo_automodel.errors import ConfigError
+from nemo_automodel.errors import ConfigError, first_line
 
 if TYPE_CHECKING:  # transformers' tokenizers take ~1 s to import: load them when a job runs, not for --dryrun
     from transformers import PreTrainedTokenizerBase
@@ -21,7 +21,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"tokenizer {name_or_path!r} could not be loaded: {str(err).splitlines()[0]}") from err
+        raise ConfigError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(err)}") from err
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
@@ -38,10 +38,6 @@ class TokenizerAdapter:
 
     def ids_to_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
 
     @property
     def eos_id(self) -> int | None:

@@ -39,22 +39,18 @@ class LoRA:
         self.exclude_modules = list(exclude_modules)
         self.dim, self.alpha, self.dropout = dim, alpha, dropout
 
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Add adapters with only them trainable: a peft ``PeftModel`` for HF models; on a Megatron
-        GPTModel, tensor-parallel adapter layers on the equivalent fused layers (megatron/lora.py)."""
+    def apply(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Wrap a HF model in a peft ``PeftModel`` with only the adapters trainable.
+
+        Models of other backends call this through their ``apply_peft`` and may read the fields
+        instead (Megatron-Core: ``megatron/lora.py`` resolves the same targets onto its fused layers).
+        """
         from peft import LoraConfig, get_peft_model
 
-        from nemo_automodel.megatron.lora import is_megatron_model
-
-        if is_megatron_model(model):  # same target list, resolved onto Megatron's fused layers
-            from nemo_automodel.megatron.lora import apply_megatron_lora, resolve_megatron_targets
-
-            names = resolve_megatron_targets(model, self.target_modules, self.exclude_modules)
-            return apply_megatron_lora(model, names, self.dim, self.alpha, self.dropout)
-        names = resolve_target_modules(model, self.target_modules, self.exclude_modules)
+        names = resolve_target_modules(module, self.target_modules, self.exclude_modules)
         config = LoraConfig(r=self.dim, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=names, bias="none", task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        return get_peft_model(module, config)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:

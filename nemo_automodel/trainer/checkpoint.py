@@ -27,20 +27,25 @@ from pathlib import Path
 
 import torch
 
-from nemo_automodel.errors import ConfigError
-from nemo_automodel.trainer.hf_export import export_hf, is_peft
+from nemo_automodel.errors import ConfigError, check_int
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 
 
 class ModelCheckpoint:
-    """When to checkpoint: every N optimizer steps (None = only at the end), keeping the last K."""
+    """When to checkpoint: every N optimizer steps (None = only at the end), keeping the last K.
+
+    ``save_last`` is NeMo's argument: the final step is always checkpointed and ``last`` always
+    points at the newest complete checkpoint, so only True is accepted.
+    """
 
     def __init__(self, every_n_train_steps: int | None = None, save_last: bool = True, keep_last: int = 2) -> None:
-        if keep_last < 1:
-            raise ConfigError(f"keep_last={keep_last!r} is invalid: keep at least 1 checkpoint")
-        self.every_n_train_steps, self.save_last, self.keep_last = every_n_train_steps, save_last, keep_last
+        check_int("keep_last", keep_last)
+        if save_last is not True:
+            raise ConfigError(f"save_last={save_last!r} is invalid: the final step is always checkpointed; "
+                              "use Trainer(enable_checkpointing=False) to write no checkpoint")
+        self.every_n_train_steps, self.keep_last = every_n_train_steps, keep_last
 
 
 class AutoResume:
@@ -113,13 +118,13 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
     dcp.save({"model": model_sd, "optim": optim_sd}, **_dcp_target(tmp, strategy))
     torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": _rng_state()},
                tmp / f"trainer-rank{strategy.rank}.pt")
-    export_hf(tmp, model=model, module=module, strategy=strategy)
+    model.save_hf(tmp, module=module, strategy=strategy)
     strategy.barrier()
 
     if strategy.rank == 0:
         meta = {"step": step, "world_size": strategy.world_size, "dp_size": strategy.dp_size,
-                "tensor_parallel": strategy.tensor_model_parallel_size, "peft": is_peft(model.model),
-                "micro_batch_size": getattr(data, "micro_batch_size", None), "preempted": preempted,
+                "layout": strategy.checkpoint_layout(), "peft": model.is_peft,
+                "micro_batch_size": data.micro_batch_size, "preempted": preempted,
                 "saved_at": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics or {}}
         _fsync_tree(tmp)
         _write_durably(tmp / "meta.json", json.dumps(meta, indent=1))
@@ -198,9 +203,10 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     """
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
-    if meta.get("tensor_parallel", 1) != strategy.tensor_model_parallel_size:
-        raise ConfigError(f"{path} was saved with tensor_model_parallel_size={meta.get('tensor_parallel', 1)}, this "
-                          f"run uses {strategy.tensor_model_parallel_size}: resume with the same tensor-parallel size")
+    saved_layout, layout = _layout(meta), strategy.checkpoint_layout()
+    if saved_layout != layout:
+        raise ConfigError(f"{path} was saved with the model-parallel layout {saved_layout or 'none'}, this run uses "
+                          f"{layout or 'none'}: resume with the same layout (e.g. the same tensor-parallel size)")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -221,10 +227,18 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     return int(meta["step"])
 
 
+def _layout(meta: dict) -> dict[str, int]:
+    """The saved model-parallel layout (checkpoints before ``layout`` recorded only ``tensor_parallel``)."""
+    if "layout" in meta:
+        return meta["layout"]
+    tp = meta.get("tensor_parallel", 1)
+    return {"tensor_parallel": tp} if tp != 1 else {}
+
+
 def _reshard_data_position(saved: dict, meta: dict, data, world_size: int) -> dict:
     """Map a per-rank data position saved on ``meta['world_size']`` ranks onto ``world_size`` ranks."""
     epoch, batch = int(saved.get("epoch", 0)), int(saved.get("batch_in_epoch", 0))
-    old_mbs, new_mbs = meta.get("micro_batch_size"), getattr(data, "micro_batch_size", None)
+    old_mbs, new_mbs = meta.get("micro_batch_size"), data.micro_batch_size
     rows = batch * old_mbs * meta.get("dp_size", meta["world_size"]) if old_mbs else None
     if rows is not None and new_mbs and rows % (new_mbs * world_size) == 0:
         log.warning("resuming step %d saved on %d ranks with %d: weights, optimizer, schedule and data position "

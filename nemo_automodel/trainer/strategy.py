@@ -1,7 +1,7 @@
 """Parallel strategies over torch.distributed: single device, DDP and FSDP2 (gloo on CPU, nccl on GPU).
 
-A strategy owns the process group, the device and how the model is wrapped; the training loop
-only calls ``setup``, ``wrap``, ``grad_sync``, ``all_reduce`` and ``barrier``. Multi-process runs
+A strategy owns the process group, the device and how the model is wrapped; the trainer and
+checkpointing call only the ``contracts.Strategy`` methods. Multi-process runs
 get RANK, WORLD_SIZE and LOCAL_RANK from torchrun, NeMo-Run's torchrun launcher, or the
 trainer's own launcher (``Trainer(devices=N)`` from a plain ``python`` process, see launch.py).
 """
@@ -22,10 +22,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-class SingleDeviceStrategy:
-    """One process, one device."""
+class ProcessGroupStrategy:
+    """The shared part of every strategy: the launcher's ranks, the device, the process group and
+    reductions over all ranks. It trains the model as is; subclasses say how they wrap it."""
 
-    name = "single"
+    name = "base"
 
     def __init__(self) -> None:
         self.rank, self.world_size, self.local_rank = 0, 1, 0
@@ -36,9 +37,6 @@ class SingleDeviceStrategy:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = env_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if self.world_size > 1 and self.name == "single":
-            raise ConfigError(f"strategy='single' cannot train on {self.world_size} processes (each would train "
-                              "alone): use strategy='ddp' or 'fsdp2'")
         use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         if accelerator in ("gpu", "cuda") and not use_cuda:
             raise bad_value("accelerator", accelerator, "CUDA is not available here; use 'cpu' or 'auto'")
@@ -52,12 +50,9 @@ class SingleDeviceStrategy:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
-    # data parallelism: every rank is a replica here; MegatronStrategy narrows it to its DP group
-    dp_group = None
-    tensor_model_parallel_size = 1
-
     @property
     def dp_size(self) -> int:
+        """Every rank is a data-parallel replica here (Megatron narrows this to its DP group)."""
         return self.world_size
 
     @property
@@ -74,7 +69,7 @@ class SingleDeviceStrategy:
     def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
         """Sum ``tensor`` (in place) over the data-parallel replicas, or over all ranks with ``world``."""
         if self.is_distributed:
-            dist.all_reduce(tensor, group=None if world else self.dp_group)
+            dist.all_reduce(tensor)
         return tensor
 
     def clip_grad_norm(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -85,6 +80,10 @@ class SingleDeviceStrategy:
         """(sub-folder, process group) of this rank's DCP state: one folder for all ranks here."""
         return "", None
 
+    def checkpoint_layout(self) -> dict[str, int]:
+        """No model parallelism: DCP reshards the state onto any number of processes."""
+        return {}
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()
@@ -94,7 +93,35 @@ class SingleDeviceStrategy:
             dist.destroy_process_group()
 
 
-class DDPStrategy(SingleDeviceStrategy):
+class SingleDeviceStrategy(ProcessGroupStrategy):
+    """One process, one device."""
+
+    name = "single"
+
+    def setup(self, accelerator: str = "auto") -> None:
+        if env_world_size() > 1:
+            raise ConfigError(f"strategy='single' cannot train on {env_world_size()} processes (each would train "
+                              "alone): use strategy='ddp' or 'fsdp2'")
+        super().setup(accelerator)
+
+
+def ddp_grad_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """``no_sync`` on a DDP-wrapped module for the micro-batches before the last one."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync or not isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (the module itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+class DDPStrategy(ProcessGroupStrategy):
     """Data parallel: every rank holds the full model; DDP averages gradients.
 
     Gradient accumulation runs the non-final micro-batches under ``no_sync``, so gradients are
@@ -112,12 +139,10 @@ class DDPStrategy(SingleDeviceStrategy):
         return DistributedDataParallel(module, device_ids=ids)
 
     def grad_sync(self, module, sync):
-        if sync or not hasattr(module, "no_sync"):
-            return contextlib.nullcontext()
-        return module.no_sync()
+        return ddp_grad_sync(module, sync)
 
 
-class FSDP2Strategy(SingleDeviceStrategy):
+class FSDP2Strategy(ProcessGroupStrategy):
     """Fully sharded data parallel (``fully_shard``) per transformer block and on the root.
 
     Applied after LoRA, so only adapters are trainable. ``data_parallel_size`` defaults to the
@@ -155,7 +180,9 @@ class FSDP2Strategy(SingleDeviceStrategy):
 
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated decoder layers: classes the HF model lists as ``_no_split_modules``."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    from peft import PeftModel
+
+    base = module.get_base_model() if isinstance(module, PeftModel) else module
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in module.modules() if type(m).__name__ in names]
 
@@ -163,12 +190,12 @@ def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 STRATEGIES = {"single": SingleDeviceStrategy, "ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp": FSDP2Strategy}
 
 
-def resolve_strategy(strategy) -> SingleDeviceStrategy:
+def resolve_strategy(strategy) -> ProcessGroupStrategy:
     """Turn ``None | 'auto' | 'single' | 'ddp' | 'fsdp2'`` or a strategy object into a strategy object.
 
     ``None``/``'auto'`` is decided where the job runs: DDP on several processes, else single.
     """
-    if isinstance(strategy, SingleDeviceStrategy):
+    if isinstance(strategy, ProcessGroupStrategy):
         return strategy
     key = strategy.lower() if isinstance(strategy, str) else strategy
     if key in (None, "auto"):

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.contracts import DataModule, OptimizerModule, PeftMethod, TrainableModel
+from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.trainer.checkpoint import AutoResume, ModelCheckpoint, load_checkpoint, save_checkpoint
-from nemo_automodel.trainer.launch import launch_fit, needs_launch
 from nemo_automodel.trainer.metrics import MetricsLogger
+from nemo_automodel.trainer.optim import default_optimizer
+from nemo_automodel.trainer.spawn import launch_fit, needs_launch
 from nemo_automodel.trainer.strategy import env_world_size, resolve_strategy
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class Trainer:
     Processes: under torchrun / NeMo-Run / Slurm+torchrun (WORLD_SIZE set) each process is one
     rank and ``devices`` is informational. From a plain ``python`` process, ``devices * num_nodes
     > 1`` makes ``fit`` start ``devices`` local workers itself with torchrun's elastic launcher
-    (see ``trainer/launch.py``: spawn, so guard the script with ``if __name__ == "__main__":``)
+    (see ``trainer/spawn.py``: spawn, so guard the script with ``if __name__ == "__main__":``)
     and return rank 0's run directory; the weights are then in ``checkpoints/last``. Several
     nodes need a launcher (torchrun or NeMo-Run) on each node.
 
@@ -73,9 +75,9 @@ class Trainer:
             raise bad_value("accelerator", accelerator, "use 'auto', 'cpu' or 'gpu'")
         if max_steps <= 0 and not max_epochs:
             raise bad_value("max_steps", max_steps, "set max_steps > 0 or max_epochs")
-        if accumulate_grad_batches < 1 or devices < 1 or num_nodes < 1 or log_every_n_steps < 1:
-            raise bad_value("accumulate_grad_batches/devices/num_nodes/log_every_n_steps",
-                            (accumulate_grad_batches, devices, num_nodes, log_every_n_steps), "use values >= 1")
+        for field, value in (("accumulate_grad_batches", accumulate_grad_batches), ("devices", devices),
+                             ("num_nodes", num_nodes), ("log_every_n_steps", log_every_n_steps)):
+            check_int(field, value)
         self.devices, self.num_nodes, self.accelerator = devices, num_nodes, accelerator
         self._strategy_arg = strategy
         self.strategy = resolve_strategy(strategy)  # validated now; None/'auto' is re-decided in fit
@@ -91,18 +93,18 @@ class Trainer:
         self._stop_requested = False
 
     # -- setup ---------------------------------------------------------------------------
-    def _setup(self, model, data, peft, optim):
+    def _setup(self, model: TrainableModel, data: DataModule, peft: PeftMethod | None, optim: OptimizerModule | None):
         if self._strategy_arg in (None, "auto"):
             self.strategy = resolve_strategy(self._strategy_arg)
         torch.manual_seed(self.seed)  # before setup: Megatron derives its model-parallel RNG streams from it
         self.strategy.setup(self.accelerator)
         torch.manual_seed(self.seed)
-        hf_model = model.configure_model(self.strategy.device)
+        model.configure_model(self.strategy.device)
         if peft is not None:
-            model.model = hf_model = peft.apply(hf_model)
+            model.apply_peft(peft)
         data.setup(model.tokenizer, dp_rank=self.strategy.dp_rank, dp_size=self.strategy.dp_size)
         accum = self._accumulation(data)
-        module = self.strategy.wrap(hf_model, mixed_precision=self.autocast_dtype)
+        module = self.strategy.wrap(model.model, mixed_precision=self.autocast_dtype)
         max_steps = self.max_steps
         if max_steps <= 0:
             per_epoch = data.micro_batches_per_epoch // accum
@@ -110,20 +112,21 @@ class Trainer:
                 raise ConfigError(f"the training split has {data.micro_batches_per_epoch} micro-batches per rank, "
                                   f"fewer than one optimizer step ({accum}): use more data or smaller batches")
             max_steps = per_epoch * self.max_epochs
-        optim = optim or _default_optim()
-        self._clip = self.gradient_clip_val or getattr(optim, "clip_grad", None)  # Megatron's OptimizerConfig
+        optim = optim or default_optimizer()
+        self._clip = self.gradient_clip_val or optim.clip_grad
         optimizer, scheduler = optim.build((p for p in module.parameters() if p.requires_grad), max_steps)
         return module, optimizer, scheduler, accum, max_steps
 
-    def _accumulation(self, data) -> int:
-        from_data = getattr(data, "accumulate_grad_batches", None)
+    def _accumulation(self, data: DataModule) -> int:
+        from_data = data.accumulate_grad_batches
         if from_data and self.accumulate_grad_batches not in (1, from_data):
             raise ConfigError(f"accumulate_grad_batches={self.accumulate_grad_batches} disagrees with the data "
                               f"module's global/micro batch ({from_data}): set only one of them")
         return from_data or self.accumulate_grad_batches
 
     # -- loop ----------------------------------------------------------------------------
-    def fit(self, model, data, peft=None, optim=None, log: NeMoLogger | None = None,
+    def fit(self, model: TrainableModel, data: DataModule, peft: PeftMethod | None = None,
+            optim: OptimizerModule | None = None, log: NeMoLogger | None = None,
             resume: AutoResume | None = None) -> Path:
         """Train and return the run directory. Errors in set-up happen before anything is written."""
         log_cfg = log or NeMoLogger()
@@ -156,8 +159,7 @@ class Trainer:
                                  keep_last=log_cfg.ckpt.keep_last)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         module.train()  # from_pretrained returns eval mode: dropout must be on while training
-        for cb in self.callbacks:
-            getattr(cb, "on_train_start", lambda *a: None)(self, module)
+        self._fire("on_train_start", module)
         batches = data.train_batches()
         bar = tqdm(total=max_steps, initial=start, disable=not (self.enable_progress_bar and self.strategy.rank == 0),
                    desc="train", dynamic_ncols=True)
@@ -182,8 +184,7 @@ class Trainer:
                     if val is not None:
                         metrics.log(step, {"val_loss": val})
                         step_metrics["val_loss"] = val
-                for cb in self.callbacks:
-                    getattr(cb, "on_train_step_end", lambda *a: None)(self, step, step_metrics)
+                self._fire("on_train_step_end", step, step_metrics)
                 stop = self._sigterm_agreed()
                 last = step == max_steps
                 if self.enable_checkpointing and (last or stop or (every and step % every == 0)):
@@ -196,8 +197,7 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
         metrics.close()
-        for cb in self.callbacks:
-            getattr(cb, "on_train_end", lambda *a: None)(self)
+        self._fire("on_train_end")
         return run_dir
 
     def _train_step(self, model, module, optimizer, scheduler, micro) -> tuple[float, int, int]:
@@ -233,7 +233,7 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------
     def _should_validate(self, step: int, max_steps: int, data) -> bool:
-        if self.limit_val_batches == 0 or not getattr(data, "has_validation", False):
+        if self.limit_val_batches == 0 or not data.has_validation:
             return False
         interval = self.val_check_interval
         if isinstance(interval, float) and 0 < interval <= 1:
@@ -259,6 +259,13 @@ class Trainer:
         total = self.strategy.all_reduce(total.to(self.strategy.device)).cpu()
         return float(total[0] / total[1]) if total[1] > 0 else None
 
+    def _fire(self, hook: str, *args) -> None:
+        """Call ``hook(trainer, *args)`` on each callback that defines it (Lightning-style optional hooks)."""
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
     # -- preemption ----------------------------------------------------------------------
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
@@ -267,14 +274,6 @@ class Trainer:
         """True on every rank once any rank got SIGTERM (so all ranks checkpoint together)."""
         flag = torch.tensor([float(self._stop_requested)], device=self.strategy.device)
         return bool(self.strategy.all_reduce(flag, world=True).item() > 0)
-
-
-def _default_optim():
-    import fiddle as fdl
-
-    from nemo_automodel.llm.adam import pytorch_adam_with_flat_lr
-
-    return fdl.build(pytorch_adam_with_flat_lr(lr=1e-5))
 
 
 def _print0(trainer: Trainer, msg: str) -> None:

@@ -26,9 +26,9 @@ import torch
 from nemo_automodel.api import finetune
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.models import HFAutoModelForCausalLM
-from nemo_automodel.optim import OptimizerModule, WarmupCosineSchedule
 from nemo_automodel.peft import LoRA
-from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer, checkpoint
+from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer
+from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
 
 IDS = torch.arange(2 * 24).reshape(2, 24) % 500  # fixed probe inputs for the logits check
 
@@ -52,14 +52,14 @@ class SyncCounter:
 
 
 def _kill_in_save(step: int) -> None:
-    real = checkpoint.export_hf
+    real = HFAutoModelForCausalLM.save_hf
 
-    def export(out, **kw):
+    def save_hf(self, out, **kw):
         if Path(out).name.endswith(f"step-{step:06d}"):  # the DCP state of this step is written by now
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(out, **kw)
+        return real(self, out, **kw)
 
-    checkpoint.export_hf = export
+    HFAutoModelForCausalLM.save_hf = save_hf
 
 
 def fit(run: dict, callbacks: list) -> tuple:

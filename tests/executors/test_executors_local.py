@@ -9,7 +9,7 @@ import nemo_run as run
 import pytest
 
 import executors
-from nemo_automodel.experiment import Experiment, JobFailed
+from nemo_automodel.launch.experiment import Experiment, JobFailed
 from tests.executors import jobs
 from tests.executors.cli_helpers import ROOT, explain, run_cli, tiny_args
 

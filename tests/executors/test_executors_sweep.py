@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from nemo_automodel import sweep
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.experiment import Experiment, check_name
+from nemo_automodel.launch import sweep
+from nemo_automodel.launch.experiment import Experiment, check_name
 
 
 def _never_list(key: str) -> bool:
@@ -105,7 +105,7 @@ def test_python_sweeps_name_tasks_and_runs_like_the_cli(nemorun_home):
 def test_graphs_that_use_main_are_detected():
     import nemo_run as run
 
-    from nemo_automodel.experiment import _uses_main
+    from nemo_automodel.launch.experiment import _uses_main
     from recipes import hf_auto_model_for_causal_lm as hf_recipe
 
     def local_fn(x: int) -> int:

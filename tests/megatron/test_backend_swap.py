@@ -10,11 +10,11 @@ import pytest
 import torch
 import transformers
 
-from nemo_automodel.backend import to_automodel, to_megatron
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.megatron import MegatronGPTModel, MegatronStrategy
 from nemo_automodel.megatron.optim import MegatronOptimizerModule
-from nemo_automodel.optim import OptimizerModule
+from nemo_automodel.megatron.swap import to_automodel, to_megatron
+from nemo_automodel.trainer.optim import OptimizerModule
 from recipes.hf_auto_model_for_causal_lm import finetune_recipe
 from tests.helpers import train_losses
 
@@ -90,7 +90,7 @@ def test_megatron_recipe_trains_from_the_same_weights_and_exports_hf(peft_scheme
         model = MegatronGPTModel(str(model_dir))
         module = model.configure_model()
         if peft_scheme:
-            module = model.model = fdl.build(mg_recipe.peft).apply(module)
+            module = model.apply_peft(fdl.build(mg_recipe.peft))
         _load_dcp(module, last)
         ids = torch.arange(2 * 16).reshape(2, 16) * 37 % 509 + 3
         with torch.no_grad():

@@ -9,9 +9,9 @@ import torch
 from nemo_automodel.api import finetune
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.megatron import MegatronGPTModel, MegatronStrategy
-from nemo_automodel.optim import OptimizerModule
 from nemo_automodel.peft import LoRA
 from nemo_automodel.trainer import NeMoLogger, Trainer
+from nemo_automodel.trainer.optim import OptimizerModule
 
 IDS = torch.arange(2 * 16).reshape(2, 16) * 37 % 509 + 3
 STEPS = 4

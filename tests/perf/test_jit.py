@@ -13,7 +13,7 @@ import torch
 from nemo_automodel import lightning as nl
 from nemo_automodel import llm
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.jit import JitConfig, JitTransform, jit_compile, select_modules
+from nemo_automodel.trainer.jit import JitConfig, JitTransform, jit_compile, select_modules
 from tests.helpers import chat_dataset, train_losses
 
 

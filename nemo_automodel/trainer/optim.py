@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -44,7 +45,10 @@ class OptimizerModule:
     """An optimizer factory (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-4)``) and a schedule.
 
     ``build(params, max_steps)`` returns ``(optimizer, scheduler)``; with no schedule the LR is flat.
+    ``clip_grad`` is None here: clipping is the trainer's ``gradient_clip_val``.
     """
+
+    clip_grad: float | None = None
 
     def __init__(self, optimizer_fn: Callable[..., torch.optim.Optimizer],
                  lr_scheduler: WarmupCosineSchedule | None = None) -> None:
@@ -62,7 +66,8 @@ class OptimizerModule:
             scheduler = self.lr_scheduler.build(optimizer, max_steps)
         return optimizer, scheduler
 
-    @property
-    def lr(self) -> float | None:
-        """The peak learning rate configured in the optimizer factory, if it names one."""
-        return getattr(self.optimizer_fn, "keywords", {}).get("lr")
+
+def default_optimizer() -> OptimizerModule:
+    """The trainer's optimizer when none is given: AdamW at a flat 1e-5, no weight decay
+    (``llm.adam.pytorch_adam_with_flat_lr()``'s defaults)."""
+    return OptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0))

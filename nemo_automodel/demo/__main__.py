@@ -13,9 +13,9 @@ import textwrap
 import time
 import warnings
 
-from nemo_automodel import assets
-from nemo_automodel.cli import guard, run_graph
-from nemo_automodel.generate import generate_chat
+from nemo_automodel.demo import assets
+from nemo_automodel.demo.chat import generate_chat
+from nemo_automodel.launch.guard import guard, run_graph
 
 
 def _show(title: str, pairs: list[tuple[str, str]], answers: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Run several recipe graphs as one NeMo-Run experiment, on any executor, with honest failures.
 
     import executors
-    from nemo_automodel.experiment import Experiment
+    from nemo_automodel.launch.experiment import Experiment
     from recipes import smollm2_135m
 
     exp = Experiment("lora-vs-sft", executor=executors.local())
@@ -38,8 +38,9 @@ from typing import Any
 import fiddle as fdl
 import nemo_run as run
 
-from nemo_automodel import sweep
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.launch import sweep
+from nemo_automodel.launch.job_env import job_env
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DONE = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
@@ -300,6 +301,5 @@ def _state(status: Any) -> str:
 
 
 def _default_executor() -> run.Executor:
-    import executors
-
-    return executors.local()
+    """One local process with this venv's environment (what ``executors.local()`` returns)."""
+    return run.LocalExecutor(ntasks_per_node=1, env_vars=job_env())

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from nemo_automodel.errors import ConfigError
+from nemo_automodel.errors import ConfigError, first_line
 
 EXIT_CONFIG_ERROR = 2
 
@@ -21,7 +21,7 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ConfigError as err:
             # Fiddle appends its build context on later lines; the cause is the first line.
-            print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+            print(f"error: {first_line(err)}", file=sys.stderr)
             raise SystemExit(EXIT_CONFIG_ERROR) from None
 
     return wrapper

@@ -1,4 +1,4 @@
-"""Consolidated Hugging Face export (safetensors model or PEFT adapter) without a rank-0 gather.
+"""Save a HF model as a Hugging Face folder (safetensors model or PEFT adapter) without a rank-0 gather.
 
 Every rank writes the shards it holds with ``torch.distributed.checkpoint`` and its
 ``HuggingFaceStorageWriter(save_distributed=True, enable_consolidation=True)``; rank 0 then
@@ -22,20 +22,16 @@ MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def is_peft(hf_model: torch.nn.Module) -> bool:
-    return hasattr(hf_model, "peft_config")
+def save_hf(out: Path, *, hf_model: torch.nn.Module, tokenizer, peft: bool, module: torch.nn.Module,
+            strategy) -> Path:
+    """Write ``out/model`` (full SFT) or ``out/hf_adapter`` (LoRA) from every rank; returns the folder.
 
-
-def export_hf(out: Path, *, model, module: torch.nn.Module, strategy) -> Path:
-    """Write ``out/model`` (full SFT) or ``out/hf_adapter`` (LoRA) from every rank; returns the folder."""
-    if hasattr(model, "export_hf"):  # a non-HF backend converts to HF layout itself (Megatron)
-        return model.export_hf(out, module=module, strategy=strategy)
+    ``hf_model`` is the (peft-wrapped) HF model, ``module`` what the strategy wrapped around it.
+    """
     import torch.distributed.checkpoint as dcp  # imported on use: graph builds stay fast
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    hf_model = model.model
-    peft = is_peft(hf_model)
     target = Path(out) / ("hf_adapter" if peft else "model")
     state = get_model_state_dict(module, options=StateDictOptions(ignore_frozen_params=peft))
     state = _drop_tied(state, hf_model)
@@ -47,7 +43,7 @@ def export_hf(out: Path, *, model, module: torch.nn.Module, strategy) -> Path:
                                       save_distributed=True, enable_consolidation=True)
     dcp.save(state, storage_writer=writer, no_dist=not strategy.is_distributed)
     if strategy.rank == 0:
-        _finish(target, model, peft)
+        _finish(target, hf_model, tokenizer, peft)
     strategy.barrier()
     return target
 
@@ -75,14 +71,13 @@ def _shard_plan(state: dict) -> dict[str, int]:
     return plan
 
 
-def _finish(target: Path, model, peft: bool) -> None:
+def _finish(target: Path, hf_model: torch.nn.Module, tokenizer, peft: bool) -> None:
     """Rank 0: drop the per-rank shards, name files as HF/PEFT expect, add config and tokenizer."""
     shutil.rmtree(target / "sharded", ignore_errors=True)
     files = sorted(target.glob("model-*-of-*.safetensors"))
     if len(files) == 1:
         files[0].rename(target / ("adapter_model.safetensors" if peft else "model.safetensors"))
         (target / INDEX_FILE).unlink(missing_ok=True)
-    hf_model = model.model
     if peft:
         config = copy.deepcopy(hf_model.peft_config["default"])
         config.inference_mode = True
@@ -91,4 +86,4 @@ def _finish(target: Path, model, peft: bool) -> None:
         hf_model.config.save_pretrained(target)
         if getattr(hf_model, "generation_config", None) is not None:
             hf_model.generation_config.save_pretrained(target)
-    model.tokenizer.save_pretrained(target)
+    tokenizer.save_pretrained(target)

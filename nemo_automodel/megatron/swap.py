@@ -21,7 +21,7 @@ import fiddle as fdl
 import nemo_run as run
 import torch
 
-from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.errors import ConfigError, check_int
 from nemo_automodel.megatron.model import MegatronGPTModel
 from nemo_automodel.megatron.optim import (
     BETAS,
@@ -32,7 +32,7 @@ from nemo_automodel.megatron.optim import (
 )
 from nemo_automodel.megatron.strategy import MegatronStrategy, import_megatron
 from nemo_automodel.models import HFAutoModelForCausalLM
-from nemo_automodel.optim import OptimizerModule
+from nemo_automodel.trainer.optim import OptimizerModule
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ SHARED_MODEL_ARGS = ("model_id", "load_pretrained_weights", "tokenizer", "torch_
 def to_megatron(recipe: run.Partial, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                 context_parallel: int = 1, sequence_parallel: bool = False) -> run.Partial:
     """A copy of ``recipe`` on Megatron-Core: GPT model from the same weights, Megatron optimizer, strategy."""
-    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
-        raise bad_value("tensor_parallel", tensor_parallel, "a positive integer")
+    check_int("tensor_parallel", tensor_parallel)
     new = copy.deepcopy(recipe)
     model = _node(new, "model", HFAutoModelForCausalLM, "an HFAutoModelForCausalLM node")
     new.model = _megatron_model(model, tensor_parallel)

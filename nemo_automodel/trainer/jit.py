@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from nemo_automodel.errors import bad_value
+from nemo_automodel.trainer.strategy import unwrap
 
 log = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:.*\.)?(?:layers|h|blocks|block|decoder_layers)\.\d+")
@@ -67,9 +68,7 @@ def jit_compile(model: torch.nn.Module, config: JitConfig) -> list[str]:
     """Compile the selected submodules of ``model`` in place; return their names."""
     if not config.use_torch:
         return []
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    chosen = select_modules(model, config.module_selector)
+    chosen = select_modules(unwrap(model), config.module_selector)
     if not chosen:
         raise bad_value("module_selector", config.module_selector, "a pattern that matches a submodule name")
     for _, mod in chosen:

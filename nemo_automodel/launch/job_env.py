@@ -6,12 +6,13 @@ interpreter that has ``nemo_run`` and ``nemo_automodel`` installed must come fir
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
 from pathlib import Path
 
-from nemo_automodel.errors import bad_value
+from nemo_automodel.errors import bad_value, check_int
 
 #: Variables copied from the launching shell into a job when set (Docker jobs inherit nothing).
 PASSTHROUGH = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
@@ -42,13 +43,9 @@ def python_roots() -> list[str]:
     The venv, the base interpreter it was made from, and the source folders of editable
     installs (``nemo_automodel``, ``recipes``, ``executors`` when installed with ``pip install -e``).
     """
-    import executors
-    import nemo_automodel
-    import recipes
-
     roots = {sys.prefix, sys.base_prefix}
-    for pkg in (nemo_automodel, recipes, executors):
-        src = Path(pkg.__file__).resolve().parent.parent
+    for pkg in ("nemo_automodel", "recipes", "executors"):  # located, not imported
+        src = Path(importlib.util.find_spec(pkg).origin).resolve().parent.parent
         if not str(src).startswith(sys.prefix):
             roots.add(str(src))
     # drop folders already inside another mounted folder
@@ -58,8 +55,7 @@ def python_roots() -> list[str]:
 
 def resolve_launcher(ntasks_per_node: int, launcher: str | None, multi: bool | None = None) -> str | None:
     """Validate ``ntasks_per_node`` and turn ``launcher='auto'`` into torchrun when several ranks run."""
-    if ntasks_per_node < 1:
-        raise bad_value("ntasks_per_node", ntasks_per_node, "use 1 or more")
+    check_int("ntasks_per_node", ntasks_per_node)
     if launcher == "auto":
         launcher = "torchrun" if (ntasks_per_node > 1 if multi is None else multi) else None
     if launcher not in (None, "torchrun"):

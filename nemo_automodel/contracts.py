@@ -1,0 +1,141 @@
+"""The seams between trainer, model, PEFT method, strategy, data and optimizer, as Protocols.
+
+The trainer, checkpointing and export call only what is written here. Each backend (the HF
+path in ``models/``, Megatron-Core in ``megatron/``) implements these with its own behaviour; no
+caller asks which backend it holds. Nothing here is imported at run time by the implementations:
+they conform structurally, and ``tests/test_layering.py`` checks that they do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class PeftMethod(Protocol):
+    """A LoRA-family adapter recipe: which layers, what rank; applies itself to a HF module."""
+
+    target_modules: list[str]
+    exclude_modules: list[str]
+    dim: int
+    alpha: float
+    dropout: float
+
+    def apply(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Add adapters to a HF module (peft); only the adapters stay trainable."""
+
+
+class TrainableModel(Protocol):
+    """The model a trainer trains: lazy until ``configure_model``, then one module it owns."""
+
+    model: torch.nn.Module | None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer (loaded on first use)."""
+
+    @property
+    def is_peft(self) -> bool:
+        """True once adapters were added by ``apply_peft``."""
+
+    def configure_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """Load or build the module on ``device``; idempotent."""
+
+    def apply_peft(self, peft: PeftMethod) -> torch.nn.Module:
+        """Add ``peft``'s adapters the way this backend can; returns the adapted module."""
+
+    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed masked cross-entropy of a micro-batch (``module`` is the strategy-wrapped model)."""
+
+    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:
+        """Write ``out/model`` (HF safetensors) or ``out/hf_adapter`` (PEFT) from every rank."""
+
+
+class Strategy(Protocol):
+    """Processes, device and model wrapping: single device, DDP, FSDP2 or Megatron TP + DP."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_distributed(self) -> bool:
+        """More than one process."""
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (which data it reads)."""
+
+    @property
+    def dp_size(self) -> int:
+        """The number of data-parallel replicas."""
+
+    def setup(self, accelerator: str = "auto") -> None:
+        """Join the launcher's process group and pick the device."""
+
+    def wrap(self, module: torch.nn.Module, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
+        """The module to train: as is, DDP-wrapped or sharded."""
+
+    def grad_sync(self, module: torch.nn.Module, sync: bool) -> AbstractContextManager:
+        """Context for one micro-batch's backward; ``sync=False`` defers the gradient all-reduce."""
+
+    def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
+        """Sum over the data-parallel replicas, or over every rank with ``world``."""
+
+    def clip_grad_norm(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the trainable gradients to a global norm; returns the norm before clipping."""
+
+    def checkpoint_shard(self) -> tuple[str, Any]:
+        """(sub-folder, process group) of this rank's DCP state."""
+
+    def checkpoint_layout(self) -> dict[str, int]:
+        """The model-parallel layout a checkpoint's shards depend on; resume needs the same."""
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def teardown(self) -> None:
+        """Leave the process group."""
+
+
+class DataModule(Protocol):
+    """Batches for one data-parallel rank, with a resumable position."""
+
+    micro_batch_size: int
+    accumulate_grad_batches: int | None
+
+    @property
+    def has_validation(self) -> bool:
+        """A validation split exists."""
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Training micro-batches this rank reads per epoch."""
+
+    def setup(self, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1) -> None:
+        """Load, format and shard the data (where the job runs)."""
+
+    def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless training micro-batches from the current position."""
+
+    def val_batches(self) -> Iterable[dict[str, torch.Tensor]] | None:
+        """Validation micro-batches, or None."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position."""
+
+
+class OptimizerModule(Protocol):
+    """An optimizer and LR schedule, built once the trainable parameters exist."""
+
+    clip_grad: float | None
+
+    def build(self, params: Iterable[torch.nn.Parameter], max_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """``(optimizer, scheduler)`` over ``params``."""

@@ -1,0 +1,149 @@
+"""The package's layering, read from the source (AST), and the backends' conformance to the contracts.
+
+Rules (ARCHITECTURE.md):
+- library modules (``nemo_automodel`` minus the facades ``llm`` and ``lightning``) never import the
+  facades, ``recipes`` or ``executors``;
+- components (contracts, errors, models, peft, data, trainer) import no backend (megatron), no
+  launching, demo or export code, and neither Fiddle nor NeMo-Run;
+- no import cycles among the project's modules (imports inside functions included).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import typing
+from pathlib import Path
+
+import pytest
+
+from nemo_automodel import contracts
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("nemo_automodel", "recipes", "executors")
+FACADES = ("nemo_automodel.llm", "nemo_automodel.lightning")
+COMPONENTS = ("nemo_automodel.contracts", "nemo_automodel.errors", "nemo_automodel.models", "nemo_automodel.peft",
+              "nemo_automodel.data", "nemo_automodel.trainer")
+NOT_FOR_COMPONENTS = ("nemo_automodel.megatron", "nemo_automodel.launch", "nemo_automodel.demo",
+                      "nemo_automodel.export", "fiddle", "nemo_run")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports; ``from pkg import sub`` of a project submodule counts as ``pkg.sub``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{a.name}" for a in node.names}
+            found.update(s for s in subs if _is_module(s))
+            if not all(_is_module(s) for s in subs):
+                found.add(node.module)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    return {mod: {i for i in _imports(path) if i in files and i != mod} for mod, path in files.items()}
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_library_never_imports_facades_recipes_or_executors():
+    """``python -m`` programs (``__main__.py``) sit at the top of the stack and may run a recipe."""
+    files = [p for p in (ROOT / "nemo_automodel").rglob("*.py")
+             if not _under(_module_name(p), FACADES) and p.name != "__main__.py"]
+    bad = sorted(f"{_module_name(p)} -> {i}" for p in files for i in _imports(p)
+                 if _under(i, FACADES + ("recipes", "executors")))
+    assert bad == []
+
+
+def test_components_know_no_backend_launcher_or_fiddle():
+    files = [p for p in (ROOT / "nemo_automodel").rglob("*.py") if _under(_module_name(p), COMPONENTS)]
+    assert len(files) > 20
+    bad = sorted(f"{_module_name(p)} -> {i}" for p in files for i in _imports(p) if _under(i, NOT_FOR_COMPONENTS))
+    assert bad == []
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    assert len(graph) > 50
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert cycles == []
+
+
+def test_layering_check_sees_a_violation(tmp_path):
+    """The checks above can fail: a cycle and a facade import written to a file are found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import nemo_automodel.llm\nfrom nemo_automodel.trainer import trainer, Trainer\n")
+    assert _imports(bad) == {"nemo_automodel.llm", "nemo_automodel.trainer.trainer", "nemo_automodel.trainer"}
+
+
+# -- contracts ---------------------------------------------------------------------------------
+def _backends():
+    import datasets
+
+    from nemo_automodel.data import HFDatasetDataModule
+    from nemo_automodel.megatron import MegatronGPTModel, MegatronOptimizerModule, MegatronStrategy
+    from nemo_automodel.models import HFAutoModelForCausalLM
+    from nemo_automodel.peft import LoRA
+    from nemo_automodel.trainer.optim import default_optimizer
+    from nemo_automodel.trainer.strategy import DDPStrategy, FSDP2Strategy, SingleDeviceStrategy
+
+    class OptimizerConfig:  # the fields MegatronOptimizerModule reads from megatron-core's dataclass
+        optimizer, lr, weight_decay, adam_beta1, adam_beta2, adam_eps, sgd_momentum = "adam", 1e-3, 0, .9, .99, 1e-8, 0
+        clip_grad, use_distributed_optimizer = 1.0, False
+
+    return [
+        (contracts.TrainableModel, HFAutoModelForCausalLM("org/name")),
+        (contracts.TrainableModel, MegatronGPTModel("org/name")),
+        (contracts.Strategy, SingleDeviceStrategy()),
+        (contracts.Strategy, DDPStrategy()),
+        (contracts.Strategy, FSDP2Strategy()),
+        (contracts.Strategy, MegatronStrategy()),
+        (contracts.DataModule, HFDatasetDataModule(datasets.Dataset.from_list([{"text": "a"}]), formatting="text")),
+        (contracts.OptimizerModule, default_optimizer()),
+        (contracts.OptimizerModule, MegatronOptimizerModule(OptimizerConfig())),
+        (contracts.PeftMethod, LoRA()),
+    ]
+
+
+@pytest.mark.parametrize("protocol, impl", _backends(), ids=lambda x: getattr(x, "__name__", type(x).__name__))
+def test_backends_implement_the_contracts(protocol, impl):
+    """Every member of the protocol exists (without running properties: nothing may load), and methods
+    take the protocol's parameters."""
+    for name in sorted(typing._get_protocol_attrs(protocol)):
+        try:
+            inspect.getattr_static(impl, name)
+        except AttributeError:
+            pytest.fail(f"{type(impl).__name__} lacks {protocol.__name__}.{name}")
+        wanted = getattr(protocol, name, None)
+        if inspect.isfunction(wanted):
+            have = inspect.signature(getattr(type(impl), name)).parameters
+            assert set(inspect.signature(wanted).parameters) <= set(have), f"{type(impl).__name__}.{name}{have}"
