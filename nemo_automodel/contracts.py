@@ -137,5 +137,8 @@ class OptimizerModule(Protocol):
 
     clip_grad: float | None
 
+    def check(self, max_steps: int) -> None:
+        """Refuse a schedule that does not fit a run of ``max_steps`` (called before anything loads)."""
+
     def build(self, params: Iterable[torch.nn.Parameter], max_steps: int) -> tuple[torch.optim.Optimizer, Any]:
         """``(optimizer, scheduler)`` over ``params``."""

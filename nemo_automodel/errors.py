@@ -9,6 +9,11 @@ class ConfigError(ValueError):
     """Bad user input, reported as a single line before any heavy work starts."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on for a reason outside its configuration (a full disk, no checkpoint that
+    verifies); reported as a single line, exit code 1."""
+
+
 def bad_value(field: str, value: Any, expected: str) -> ConfigError:
     """Build the standard one-line error: ``field=value: expected ...``."""
     return ConfigError(f"{field}={value!r} is invalid: {expected}")

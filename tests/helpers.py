@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from pathlib import Path
+
+import pytest
+
+STRICT_ENV = "NEMO_AUTOMODEL_STRICT"  # set by .ci/run: a missing engine, venv or extra fails instead of skipping
+
+
+def unavailable(reason: str):
+    """Skip the test for a missing engine, venv or extra, or fail it under ``.ci/run`` (``STRICT_ENV``)."""
+    if os.environ.get(STRICT_ENV) == "1":
+        pytest.fail(f"{reason} ({STRICT_ENV}=1: CI must provide it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str):
+    """``pytest.importorskip`` that fails under ``.ci/run``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(f"{reason} (cannot import {name})")
 
 QA = [("What is the capital of France?", "Paris is the capital of France."),
       ("Name a primary colour.", "Red is a primary colour."),

@@ -24,8 +24,11 @@ recipe = finetune_recipe(model_id=kw.pop("model_id"), dataset=kw.pop("dataset"),
                          name="run", max_steps=2, seq_length=kw.pop("seq_length", 64), micro_batch_size=2,
                          global_batch_size=kw.pop("global_batch_size", 4))
 for path, value in kw.items():
-    node, attr = path.split(".")
-    setattr(getattr(recipe, node), attr, value)
+    *nodes, attr = path.split(".")
+    node = recipe
+    for name in nodes:
+        node = getattr(node, name)
+    setattr(node, attr, value)
 run_graph(recipe)
 """
 
@@ -53,19 +56,31 @@ def good_run(tiny_llama, tmp_path_factory):
     return dict(model_id=str(tiny_llama), dataset=str(data), dir=str(root))
 
 
-CASES = [
-    (dict(model_id="/no/such/model"), "model_id='/no/such/model'"),
-    (dict(dataset="/no/such/data.jsonl"), "/no/such/data.jsonl"),
-    (dict(seq_length=4), "seq_length"),
-    (dict(global_batch_size=3), "global_batch_size"),
-    ({"peft.target_modules": ["nothing_here"]}, "match no layer"),
-]
+CASES = {
+    "model": (dict(model_id="/no/such/model"), "model_id='/no/such/model'"),
+    "dataset": (dict(dataset="/no/such/data.jsonl"), "/no/such/data.jsonl"),
+    "seq_length": (dict(seq_length=4), "seq_length"),
+    "batch": (dict(global_batch_size=3), "global_batch_size"),
+    "lora": ({"peft.target_modules": ["nothing_here"]}, "match no layer"),
+    "empty-file": (dict(dataset="EMPTY"), "empty.jsonl' is empty"),
+    "blank-file": (dict(dataset="BLANK"), "blank.jsonl' is empty"),
+    "lr": ({"optim.optimizer_fn.lr": -1.0}, "lr=-1.0 is invalid: use a learning rate > 0"),
+    "betas": ({"optim.optimizer_fn.betas": (0.9, 1.0)}, "betas=(0.9, 1.0) is invalid"),
+    "eps": ({"optim.optimizer_fn.eps": 0.0}, "eps=0.0 is invalid"),
+    "weight_decay": ({"optim.optimizer_fn.weight_decay": -0.1}, "weight_decay=-0.1 is invalid"),
+    "warmup": ({"optim.lr_scheduler.warmup_steps": 5}, "warmup_steps=5 is invalid: the run has only 2 steps"),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,cause", CASES, ids=["model", "dataset", "seq_length", "batch", "lora"])
+@pytest.mark.parametrize("override,cause", CASES.values(), ids=CASES.keys())
 def test_bad_input_is_one_line_and_leaves_previous_run_intact(good_run, override, cause):
     before = _digest(Path(good_run["dir"]) / "run" / "checkpoints")
+    for name, text in (("EMPTY", ""), ("BLANK", "  \n\t\n")):  # empty and whitespace-only data files
+        if override.get("dataset") == name:
+            path = Path(good_run["dir"]) / f"{name.lower()}.jsonl"
+            path.write_text(text)
+            override = {**override, "dataset": str(path)}
     done = _run(**{**good_run, **override})
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -81,6 +96,31 @@ def test_trainer_rejects_unknown_strategy_and_precision():
         nl.Trainer(max_steps=1, precision="fp8")
     with pytest.raises(ConfigError, match="max_steps"):
         nl.Trainer()
+
+
+def test_optimizer_and_schedule_values_are_refused_when_built():
+    """What torch would refuse only after the model loaded is refused by the optimizer node's build."""
+    import fiddle as fdl
+
+    for kwargs, cause in [({"lr": 0.0}, "lr=0.0"), ({"betas": (-0.1, 0.9)}, "betas"), ({"eps": -1e-8}, "eps"),
+                          ({"weight_decay": -1.0}, "weight_decay")]:
+        graph = llm.adam.pytorch_adam_with_flat_lr()
+        for key, value in kwargs.items():
+            setattr(graph.optimizer_fn, key, value)
+        with pytest.raises(ConfigError, match=cause):
+            fdl.build(graph)
+    with pytest.raises(ConfigError, match="warmup_steps=10 is invalid: the run has only 5 steps"):
+        fdl.build(llm.adam.pytorch_adam_with_cosine_annealing(warmup_steps=10, max_steps=5))
+    fdl.build(llm.adam.pytorch_adam_with_cosine_annealing(warmup_steps=5, max_steps=5))  # a warmup as long as the run
+
+
+def test_empty_data_file_is_refused_when_the_data_module_is_built(tmp_path):
+    for text in ("", " \n\n\t "):
+        (tmp_path / "d.jsonl").write_text(text)
+        with pytest.raises(ConfigError, match=r"data file '.*d.jsonl' is empty"):
+            llm.HFDatasetDataModule(str(tmp_path / "d.jsonl"), formatting="chat")
+        with pytest.raises(ConfigError, match="is empty"):
+            llm.HFDatasetDataModule({"train": [str(tmp_path / "d.jsonl")]}, formatting="chat")
 
 
 def test_constructors_validate_without_io():

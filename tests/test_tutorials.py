@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import train_losses
+from tests.helpers import require_module, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
@@ -127,7 +127,7 @@ def test_tutorial_is_a_percent_notebook(script):
 
 @pytest.mark.slow
 def test_backend_swap_tutorial(tiny_model_factory, tmp_path):
-    pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
+    require_module("megatron.core", "the megatron extra is not installed")
     stdout = run_tutorial("backend_swap.py", tiny_model_factory("llama"), tmp_path / "out", "--lr", "1e-2")
     assert "to_automodel(to_megatron(recipe)) == recipe: True" in stdout
     assert "MegatronGPTModel" in stdout and "tensor_model_parallel_size = 1" in stdout

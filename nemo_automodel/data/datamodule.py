@@ -16,7 +16,7 @@ import torch
 
 from nemo_automodel.data.collate import collate
 from nemo_automodel.data.formatting import Formatting, check_columns, check_formatting, make_formatter
-from nemo_automodel.data.loading import load_split, open_local, parse_split
+from nemo_automodel.data.loading import check_local_source, load_split, open_local, parse_split
 from nemo_automodel.data.rows import Rows, SampleStore
 from nemo_automodel.data.sampler import MicroBatchSampler, rank_batches
 from nemo_automodel.errors import ConfigError, bad_value, check_int
@@ -84,6 +84,7 @@ class HFDatasetDataModule:
         parse_split(split, "split")
         if val_split is not None:
             parse_split(val_split, "val_split")
+        check_local_source(path_or_dataset)
         for key in _NEMO_LOADER_KWARGS:
             load_kwargs.pop(key, None)
         self.path_or_dataset, self.split, self.val_split = path_or_dataset, split, val_split

@@ -76,13 +76,42 @@ def _is_json_lines(f: str) -> bool:
     return head.startswith("{")
 
 
+def _is_blank(path: str, chunk: int = 1 << 20) -> bool:
+    """True for an empty or whitespace-only file (reads only until the first other byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
+
+
+def check_data_files(files: list[str]) -> None:
+    """Each local data file exists and holds more than whitespace."""
+    for f in files:
+        if not os.path.isfile(f):
+            raise ConfigError(f"{FIELD}: data file {f!r} does not exist: check the path")
+        if _is_blank(f):
+            raise ConfigError(f"{FIELD}: data file {f!r} is empty: pass a file with at least one row")
+
+
+def check_local_source(source: Any) -> None:
+    """Refuse missing or empty local data files when the data module is built (before any loading)."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    files_only = (str, os.PathLike, list, tuple)  # not a DatasetDict, whose values are datasets
+    if isinstance(source, Mapping) and all(isinstance(v, files_only) for v in source.values()):
+        check_data_files([f for v in source.values() for f in _as_list(v)])
+    elif isinstance(source, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in source):
+        check_data_files(_as_list(source))
+    elif isinstance(source, str) and os.path.isfile(os.path.expanduser(source)):
+        check_data_files([os.path.expanduser(source)])
+
+
 def _load_files(data_files: dict[str, list[str]], load_kwargs: dict[str, Any]) -> datasets.DatasetDict:
     import datasets
 
     files = [f for fs in data_files.values() for f in fs]
-    for f in files:
-        if not os.path.isfile(f):
-            raise ConfigError(f"{FIELD}: data file {f!r} does not exist: check the path")
+    check_data_files(files)
     try:
         return datasets.load_dataset(_builder(files), data_files=data_files, **load_kwargs)
     except ConfigError:

@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from nemo_automodel.errors import ConfigError, first_line
+from nemo_automodel.errors import ConfigError, RunError, first_line
 
-EXIT_CONFIG_ERROR = 2
+EXIT_RUN_ERROR, EXIT_CONFIG_ERROR = 1, 2
 
 
 def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ConfigError into ``error: <one line>`` on stderr and exit code 2 (no traceback)."""
+    """Turn a ConfigError into ``error: <one line>`` on stderr and exit code 2, a RunError (full disk,
+    no checkpoint that verifies) into the same with exit code 1; no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -23,6 +24,9 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             # Fiddle appends its build context on later lines; the cause is the first line.
             print(f"error: {first_line(err)}", file=sys.stderr)
             raise SystemExit(EXIT_CONFIG_ERROR) from None
+        except RunError as err:
+            print(f"error: {first_line(err)}", file=sys.stderr)
+            raise SystemExit(EXIT_RUN_ERROR) from None
 
     return wrapper
 

@@ -8,11 +8,14 @@ pointed at by the ``last`` symlink, which is switched atomically)::
         trainer-rank{r}.pt  step, LR scheduler, data position and RNG states of rank r
         model/              HF safetensors + config + tokenizer   (full SFT)
         hf_adapter/         adapter_config.json + adapter_model.safetensors (LoRA)
-        meta.json           written last: its presence marks the checkpoint complete
+        meta.json           written last: its presence marks the checkpoint complete; it records
+                            every other file's size and SHA-256, checked before resuming
     checkpoints/last -> step-000100
 
 A process killed at any point leaves either the previous complete checkpoint as ``last`` or the
 new one; half-written ``.tmp-*`` folders are never resumed from and are removed by the next save.
+A checkpoint damaged later (a truncated shard, a lost file) is found before resuming: the newest
+checkpoint that verifies is used instead (keep_last=2 by default keeps one to fall back on).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from nemo_automodel.errors import ConfigError, check_int
+from nemo_automodel.errors import ConfigError, RunError, check_int, first_line
+from nemo_automodel.trainer import checksums
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
@@ -57,17 +61,61 @@ class AutoResume:
         self.resume_from_path = resume_from_path
         self.resume_ignore_no_checkpoint = resume_ignore_no_checkpoint
 
-    def find(self, ckpt_root: Path) -> Path | None:
-        """The checkpoint to resume from, or None to start fresh."""
+    def find(self, ckpt_root: Path, strategy=None) -> Path | None:
+        """The checkpoint to resume from, or None to start fresh.
+
+        Checkpoints verify themselves (``checksums``): a damaged ``last`` is reported in one warning
+        line and the newest checkpoint that verifies is used instead; when none does, a RunError names
+        the damage. Rank 0 reads the files; every rank of ``strategy`` gets its choice.
+        """
         if self.resume_from_path:
             path = Path(self.resume_from_path)
             if not (path / "meta.json").is_file():
                 raise ConfigError(f"resume_from_path={str(path)!r} is not a complete checkpoint (no meta.json)")
+            why = checksums.damage(path) if _is_rank0(strategy) else None
+            if _agreed_index(strategy, -1 if why else 0) < 0:
+                raise RunError(f"resume_from_path={str(path)!r} is damaged: {why or 'see rank 0'}")
             return path.resolve()
-        last = latest_checkpoint(ckpt_root) if self.resume_if_exists else None
-        if last is None and not self.resume_ignore_no_checkpoint:
-            raise ConfigError(f"no checkpoint to resume from in {ckpt_root}")
-        return last
+        candidates = resume_candidates(ckpt_root) if self.resume_if_exists else []
+        if not candidates:
+            if not self.resume_ignore_no_checkpoint:
+                raise ConfigError(f"no checkpoint to resume from in {ckpt_root}")
+            return None
+        damaged, pick = [], -1
+        if _is_rank0(strategy):
+            for i, ckpt in enumerate(candidates):
+                why = checksums.damage(ckpt)
+                if why is None:
+                    pick = i
+                    break
+                damaged.append(f"{ckpt.name}: {why}")
+                log.warning("checkpoint %s is damaged (%s): trying the one before it", ckpt, why)
+        pick = _agreed_index(strategy, pick)
+        if pick < 0:
+            raise RunError(f"no checkpoint in {ckpt_root} verifies ({'; '.join(damaged) or 'see rank 0'}): "
+                           "start a new run (another log name/dir) or restore the files")
+        return candidates[pick]
+
+
+def resume_candidates(ckpt_root: Path) -> list[Path]:
+    """Checkpoints to try, best first: the one ``last`` points at, then every other ``step-*`` newest first."""
+    ckpt_root = Path(ckpt_root)
+    last = ckpt_root / "last"
+    first = [last.resolve()] if last.is_symlink() and last.resolve().is_dir() else []
+    rest = sorted((p.resolve() for p in ckpt_root.glob("step-*") if p.is_dir()), reverse=True)
+    return first + [p for p in rest if p not in first]
+
+
+def _is_rank0(strategy) -> bool:
+    return strategy is None or strategy.rank == 0
+
+
+def _agreed_index(strategy, index: int) -> int:
+    """Rank 0's ``index`` (>= -1) on every rank."""
+    if strategy is None or not strategy.is_distributed:
+        return index
+    mine = torch.tensor([float(index + 1 if strategy.rank == 0 else 0)], device=strategy.device)
+    return int(strategy.all_reduce(mine, world=True).item()) - 1
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -101,11 +149,32 @@ def _options(**kw):
 
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, scheduler, data, strategy,
-                    keep_last: int = 2, metrics: dict | None = None, preempted: bool = False) -> Path:
-    """Write checkpoint ``step`` on every rank; returns its final path."""
+                    keep_last: int = 2, metrics: dict | None = None, preempted: bool = False,
+                    resumed_from: int = 0) -> Path:
+    """Write checkpoint ``step`` on every rank; returns its final path. ``resumed_from`` (recorded in
+    ``meta.json``) is the step this process started from. A failed write (a full disk) removes the
+    partial folder and raises a one-line RunError naming the checkpoint that is kept."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f"{TMP_PREFIX}{final.name}"
+    try:
+        _write(tmp, step, model=model, module=module, optimizer=optimizer, scheduler=scheduler, data=data,
+               strategy=strategy, meta={"preempted": preempted, "metrics": metrics or {}, "resumed_from": resumed_from})
+        if strategy.rank == 0:
+            if final.exists():  # a complete step-N left by a run killed before it moved `last`
+                _remove(final)
+            os.replace(tmp, final)
+            _point_last(ckpt_root, final)
+            _prune(ckpt_root, keep_last)
+    except (OSError, _dcp_error()) as err:
+        raise _write_failed(err, step, tmp, ckpt_root) from err
+    strategy.barrier()
+    return final
+
+
+def _write(tmp: Path, step: int, *, model, module, optimizer, scheduler, data, strategy, meta: dict) -> None:
+    """Every rank writes its part of checkpoint ``step`` into ``tmp``; rank 0 then records the
+    checksums and writes ``meta.json`` last."""
     if strategy.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -120,21 +189,44 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
                tmp / f"trainer-rank{strategy.rank}.pt")
     model.save_hf(tmp, module=module, strategy=strategy)
     strategy.barrier()
-
     if strategy.rank == 0:
         meta = {"step": step, "world_size": strategy.world_size, "dp_size": strategy.dp_size,
                 "layout": strategy.checkpoint_layout(), "peft": model.is_peft,
-                "micro_batch_size": data.micro_batch_size, "preempted": preempted,
-                "saved_at": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics or {}}
-        _fsync_tree(tmp)
+                "micro_batch_size": data.micro_batch_size, **meta,
+                "saved_at": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": checksums.record(tmp)}  # also fsyncs every file before meta.json marks it complete
+        _fsync(tmp)
         _write_durably(tmp / "meta.json", json.dumps(meta, indent=1))
-        if final.exists():  # a complete step-N left by a run killed before it moved `last`
-            _remove(final)
-        os.replace(tmp, final)
-        _point_last(ckpt_root, final)
-        _prune(ckpt_root, keep_last)
-    strategy.barrier()
-    return final
+
+
+def _dcp_error() -> type[BaseException]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _write_failed(err: BaseException, step: int, tmp: Path, ckpt_root: Path) -> RunError:
+    """Remove the partial folder; one line with the path, the cause and the checkpoint that is kept."""
+    cause = _os_error(err)
+    where = getattr(cause, "filename", None) or tmp
+    why = getattr(cause, "strerror", None) or first_line(cause)
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = latest_checkpoint(ckpt_root)
+    after = (f"checkpoint step {checksums.read_meta(kept)['step']} ({kept}) is kept and the next run resumes from it"
+             if kept is not None else "no earlier checkpoint exists")
+    return RunError(f"checkpoint step {step} could not be written ({why}: {where}): the partial folder was "
+                    f"removed; {after}")
+
+
+def _os_error(err: BaseException) -> BaseException:
+    """The OSError behind ``err`` (DCP wraps each rank's failure in a CheckpointException)."""
+    seen = [err]
+    for e in seen:
+        if isinstance(e, OSError):
+            return e
+        wrapped = [pair[0] for pair in getattr(e, "failures", {}).values()]  # {rank: (exception, traceback)}
+        seen.extend(x for x in (*wrapped, e.__cause__, e.__context__) if x is not None and x not in seen)
+    return err
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -142,12 +234,6 @@ def _write_durably(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file of a finished checkpoint to disk before it is marked complete."""
-    for path in [root, *root.rglob("*")]:
-        _fsync(path)
 
 
 def _fsync(path: Path) -> None:
@@ -202,7 +288,7 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     RNG streams are per rank, so they are restored only on the same world size.
     """
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = checksums.read_meta(path)
     saved_layout, layout = _layout(meta), strategy.checkpoint_layout()
     if saved_layout != layout:
         raise ConfigError(f"{path} was saved with the model-parallel layout {saved_layout or 'none'}, this run uses "

@@ -93,7 +93,7 @@ class Trainer:
         self._stop_requested = False
 
     # -- setup ---------------------------------------------------------------------------
-    def _setup(self, model: TrainableModel, data: DataModule, peft: PeftMethod | None, optim: OptimizerModule | None):
+    def _setup(self, model: TrainableModel, data: DataModule, peft: PeftMethod | None, optim: OptimizerModule):
         if self._strategy_arg in (None, "auto"):
             self.strategy = resolve_strategy(self._strategy_arg)
         torch.manual_seed(self.seed)  # before setup: Megatron derives its model-parallel RNG streams from it
@@ -112,7 +112,7 @@ class Trainer:
                 raise ConfigError(f"the training split has {data.micro_batches_per_epoch} micro-batches per rank, "
                                   f"fewer than one optimizer step ({accum}): use more data or smaller batches")
             max_steps = per_epoch * self.max_epochs
-        optim = optim or default_optimizer()
+        optim.check(max_steps)
         self._clip = self.gradient_clip_val or optim.clip_grad
         optimizer, scheduler = optim.build((p for p in module.parameters() if p.requires_grad), max_steps)
         return module, optimizer, scheduler, accum, max_steps
@@ -129,6 +129,9 @@ class Trainer:
             optim: OptimizerModule | None = None, log: NeMoLogger | None = None,
             resume: AutoResume | None = None) -> Path:
         """Train and return the run directory. Errors in set-up happen before anything is written."""
+        optim = optim or default_optimizer()
+        if self.max_steps > 0:
+            optim.check(self.max_steps)
         log_cfg = log or NeMoLogger()
         self.run_dir = run_dir = log_cfg.run_dir
         ckpt_root = run_dir / "checkpoints"
@@ -142,7 +145,7 @@ class Trainer:
             log.info("devices=%d x num_nodes=%d differs from the launcher's WORLD_SIZE=%d; using the launcher's",
                      self.devices, self.num_nodes, env_world_size())
         module, optimizer, scheduler, accum, max_steps = self._setup(model, data, peft, optim)
-        resume_from = resume.find(ckpt_root) if resume is not None else None
+        resume_from = resume.find(ckpt_root, self.strategy) if resume is not None else None
         if resume_from is None and (ckpt_root / "last").is_symlink():
             raise ConfigError(f"{run_dir} already holds checkpoints of another run: pass "
                               "resume=AutoResume(resume_if_exists=True) to continue it, or pick another log name/dir")
@@ -156,7 +159,7 @@ class Trainer:
         every = log_cfg.ckpt.every_n_train_steps
         save = functools.partial(save_checkpoint, ckpt_root, model=model, module=module, optimizer=optimizer,
                                  scheduler=scheduler, data=data, strategy=self.strategy,
-                                 keep_last=log_cfg.ckpt.keep_last)
+                                 keep_last=log_cfg.ckpt.keep_last, resumed_from=start)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         module.train()  # from_pretrained returns eval mode: dropout must be on while training
         self._fire("on_train_start", module)

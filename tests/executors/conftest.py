@@ -2,7 +2,7 @@
 
 The session fixtures start a daemon that is installed but not running (the scripts are idempotent
 and take seconds when the engine is up); when the engine is not installed they skip with the
-command that installs it.
+command that installs it, or fail under .ci/run (NEMO_AUTOMODEL_STRICT=1).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 CI_DIR = Path(os.environ.get("NEMO_AUTOMODEL_CI_DIR", "/var/tmp/nemo-automodel-ci"))
 SLURM_CONF = Path(os.environ.get("NEMO_AUTOMODEL_SLURM_DIR", CI_DIR / "slurm")) / "slurm.conf"
@@ -26,11 +28,11 @@ DOCKER_HOST = "unix://" + str(Path(os.environ.get("NEMO_AUTOMODEL_DOCKER_DIR", C
 def _engine_up(script: str, binaries: tuple[str, ...], env: dict[str, str]) -> None:
     missing = [b for b in binaries if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed: run .ci/{script} (apt-get installs it; needs root)")
+        unavailable(f"{', '.join(missing)} not installed: run .ci/{script} (apt-get installs it; needs root)")
     proc = subprocess.run([str(ROOT / ".ci" / script)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
     if proc.returncode != 0:
-        pytest.skip(f".ci/{script} could not start the engine: {proc.stderr.strip()[-500:]}")
+        unavailable(f".ci/{script} could not start the engine: {proc.stderr.strip()[-500:]}")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 
 from recipes import hf_auto_model_for_causal_lm as hf_recipe
 from recipes.cli import main
+from tests.helpers import require_module
 
 PWNED = Path("/tmp/nemo-automodel-pwned")
 
@@ -122,7 +123,7 @@ def test_the_nemo_command_finds_our_entry_points(tmp_path):
 
 
 def test_megatron_factory_dryrun_shows_the_swapped_graph(monkeypatch, capsys):
-    pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
+    require_module("megatron.core", "the megatron extra is not installed")
     code, out, err = cli(monkeypatch, capsys, "--factory",
                          "hf_auto_model_for_causal_lm_megatron(tensor_parallel=2, num_gpus_per_node=2)",
                          "optim.config.lr=3e-4", "--dryrun")

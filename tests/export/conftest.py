@@ -8,18 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_support import CONVERSATION, HEAD64, MAX_TOKENS, PROMPTS, finetune, vllm_python_path, well_dataset
+from export_support import (
+    CONVERSATION,
+    HEAD64,
+    MAX_TOKENS,
+    PROMPTS,
+    finetune,
+    rotated_dataset,
+    vllm_python_path,
+)
 
 from nemo_automodel import llm
 from nemo_automodel.export import Job, export, generate_jobs
-from tests.helpers import chat_dataset
+from tests.helpers import chat_dataset, unavailable
 
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
     path = vllm_python_path()
     if not path.exists():
-        pytest.skip(f"no vLLM venv at {path}: run `make vllm-venv` (.ci/run builds it)")
+        unavailable(f"no vLLM venv at {path}: run `make vllm-venv` (make test builds it)")
     return path
 
 
@@ -39,8 +47,8 @@ def head64_base(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def sft_run(head64_base, tmp_path_factory) -> Path:
-    """Full SFT until the model answers with words of the training replies (not one repeated token)."""
-    return finetune(head64_base, tmp_path_factory.mktemp("runs"), "sft", chat_dataset(), steps=60, lr=5e-3)
+    """Full SFT until the model has memorized the QA replies (``finetune`` checks the loss)."""
+    return finetune(head64_base, tmp_path_factory.mktemp("runs"), "sft", chat_dataset(), steps=100, lr=3e-3)
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +58,10 @@ def sft_export(sft_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lora_run(sft_export, tmp_path_factory) -> Path:
-    """LoRA on top of the SFT model, trained on 2 FSDP2 processes (a sharded checkpoint)."""
+    """LoRA on top of the SFT model, trained on 2 FSDP2 processes (a sharded checkpoint) until it gives
+    each QA question the next question's answer."""
     lora = llm.peft.LoRA(target_modules=["*_proj"], dim=8, alpha=32)
-    run = finetune(sft_export, tmp_path_factory.mktemp("runs"), "lora", well_dataset(), steps=30, lr=1e-2,
+    run = finetune(sft_export, tmp_path_factory.mktemp("runs"), "lora", rotated_dataset(), steps=40, lr=1e-2,
                    peft=lora, micro_batch_size=4, devices=2, strategy="fsdp2")
     assert json.loads((run / "checkpoints" / "last" / "meta.json").read_text())["world_size"] == 2
     return run

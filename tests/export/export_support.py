@@ -31,20 +31,34 @@ def vllm_python_path() -> Path:
 
 def finetune(model_path: Path, log_dir: Path, name: str, data: Dataset, steps: int, lr: float, peft=None,
              micro_batch_size: int = 8, **trainer_kw) -> Path:
-    return llm.api.finetune(
+    """Train to memorization: warmup + cosine decay takes the tiny model's loss on the 8 QA chats below
+    ``MEMORIZED`` (flat LRs of 5e-3..1e-2 plateau near 1-3, where greedy replies depend on the CPU's float
+    path), so greedy replies are the known training replies: the tests' output diversity comes from the data."""
+    run = llm.api.finetune(
         model=llm.HFAutoModelForCausalLM(str(model_path)), peft=peft,
         data=llm.HFDatasetDataModule(data, formatting="chat", seq_length=64, micro_batch_size=micro_batch_size,
                                      global_batch_size=8),
-        optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=lr)),
+        optim=fdl.build(llm.adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=5, min_lr=lr / 100,
+                                                                    weight_decay=0.0)),
         trainer=nl.Trainer(max_steps=steps, log_every_n_steps=1, enable_progress_bar=False, **trainer_kw),
         log=nl.NeMoLogger(log_dir=str(log_dir), name=name),
     )
+    losses = [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "train_loss" in r]
+    assert losses[-1] < MEMORIZED, f"{name}: train loss {losses[-1]:.3f} after {steps} steps: not memorized"
+    return run
 
 
-def well_dataset() -> Dataset:
-    """The QA pairs answered in another style, so the adapter visibly changes the replies."""
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Well, " + a.lower()}]}
-            for q, a in QA]
+MEMORIZED = 0.1  # measured: ~0.02 (SFT, 100 steps) and ~0.03 (LoRA on 2 FSDP2 ranks, 40 steps)
+# each QA question answered with the next pair's answer: distinct, known replies the SFT model already
+# produces, so the adapter only has to re-route them (restyling them plateaued near loss 2)
+ROTATED = {q: QA[(i + 1) % len(QA)][1] for i, (q, _) in enumerate(QA)}
+
+
+def rotated_dataset() -> Dataset:
+    """The QA questions with rotated answers: what the LoRA adapter learns on top of the SFT model."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in ROTATED.items()]
     return Dataset.from_list(rows * 2)
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import write_token_rows
+from tests.helpers import require_module, write_token_rows
 
-pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
+require_module("megatron.core", "the megatron extra is not installed")
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=512, bos_token_id=1, eos_token_id=2)
