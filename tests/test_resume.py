@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fiddle as fdl
 import pytest
 import torch
@@ -27,11 +29,14 @@ def _run(model_path, log_dir, steps, peft, resume=True):
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "sft"])
 def test_stop_and_resume_equals_uninterrupted(tiny_llama, tmp_path, lora):
-    peft = (lambda: llm.peft.LoRA(target_modules=["*_proj"], dim=4)) if lora else (lambda: None)
+    # LoRA dropout > 0: the resumed run must restore the RNG to replay the same masks
+    peft = (lambda: llm.peft.LoRA(target_modules=["*_proj"], dim=4, dropout=0.1)) if lora else (lambda: None)
     # 5 steps cross an epoch boundary (8 rows / global batch 4 = 2 steps per epoch).
     full = _run(tiny_llama, tmp_path / "full", 5, peft())
     _run(tiny_llama, tmp_path / "split", 2, peft())
     resumed = _run(tiny_llama, tmp_path / "split", 5, peft())
+    meta = json.loads((tmp_path / "split" / "run" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["resumed_from"] == 2  # the second process started at step 3
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key  # bitwise on CPU fp32

@@ -10,6 +10,7 @@ such an attribute with a list of lists). This module is pure text and file handl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -22,6 +23,7 @@ from nemo_automodel.errors import ConfigError
 
 _KEY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_TASK_NAME = 64  # Slurm job names and NeMo-Run task folders stay short (experiment names allow 128)
 SUMMARY_KEYS = ("step", "train_loss", "val_loss", "lr", "tokens_per_sec")
 
 
@@ -107,7 +109,11 @@ def task_name(combo: dict[str, str]) -> str:
     for key, short in zip(combo, last):
         label = short if last.count(short) == 1 else key.replace(".", "-")
         parts.append(f"{label}-{combo[key].strip(chr(39) + chr(34))}")
-    return _SAFE.sub("_", "_".join(parts)).strip("_.") or "task"
+    name = _SAFE.sub("_", "_".join(parts)).strip("_.") or "task"
+    if len(name) > MAX_TASK_NAME:  # long values: keep the start readable, a hash keeps the names distinct
+        digest = hashlib.sha1("\0".join(f"{k}={v}" for k, v in combo.items()).encode()).hexdigest()[:10]
+        name = f"{name[:MAX_TASK_NAME - 11].rstrip('_.-')}-{digest}"
+    return name
 
 
 def final_metrics(run_dir: str | Path) -> dict[str, float]:

@@ -93,3 +93,26 @@ def test_with_kv_cache_packed_samples_leak(tiny_llama, batches):
     first_len = int((packed["position_ids"][0] == 0).nonzero()[1])  # first sample of row 0 is unaffected
     assert torch.allclose(clean[0, :first_len], leaky[0, :first_len], atol=1e-5)
     assert not torch.allclose(clean[0, first_len:], leaky[0, first_len:], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_training_step_equals_unpacked(tiny_model_factory, batches, arch):
+    """Through the trainer's own loss (``model.loss``) and one optimizer step: packed and unpacked batches
+    give the same summed loss, the same updated weights and the same per-sample losses afterwards."""
+    from nemo_automodel.models import HFAutoModelForCausalLM
+
+    results = {}
+    for name, (batch, _) in zip(("unpacked", "packed"), batches, strict=True):
+        model = HFAutoModelForCausalLM(str(tiny_model_factory(arch)))
+        module = model.configure_model().train()  # the same pretrained weights for both
+        loss = model.loss(module, batch)
+        (loss / batch["loss_mask"].sum()).backward()  # token-weighted, as the trainer does
+        torch.optim.SGD(module.parameters(), lr=0.05).step()
+        after = _per_sample_losses(module.eval(), *batches[0])  # both judged on the unpacked batch
+        results[name] = (float(loss), {k: v.detach().clone() for k, v in module.state_dict().items()}, after)
+    (loss_u, weights_u, after_u), (loss_p, weights_p, after_p) = results["unpacked"], results["packed"]
+    assert loss_p == pytest.approx(loss_u, abs=TOL * len(CHATS))
+    assert max((weights_u[k] - weights_p[k]).abs().max().item() for k in weights_u) < 1e-5
+    for i in after_u:
+        assert after_p[i] == pytest.approx(after_u[i], abs=TOL)
+    assert sum(after_u.values()) < loss_u  # the step was real: the batch's loss went down

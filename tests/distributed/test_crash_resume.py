@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL at a random step, a save killed mid-write, and SIGTERM preemption.
+"""Crash safety: SIGKILL at a random step, a save killed at four points of its write, SIGTERM preemption.
 
 Each case is compared with an uninterrupted run of the same set-up from the session fixtures
 (bitwise: the resumed run replays exactly the steps after its checkpoint).
@@ -40,20 +40,30 @@ def test_sigkill_at_random_step_then_resume_equals_uninterrupted(seed, setup, co
     assert 1 <= saved <= logged < STEPS
 
     launch(tmp_path, [{**run, "resume": True, "out": str(tmp_path / "out")}], nproc)
+    assert meta(run_dir)["resumed_from"] == saved  # the resumed process started at the step after it
     assert max_diff(_load(tmp_path / "out" / "final.pt"), _load(reference / "final.pt")) == 0.0
     assert losses(run_dir) == losses(reference.parent / "runs" / f"{kind}-full")  # each step logged once
 
 
-def test_save_killed_mid_write_never_becomes_last(config, fsdp2, tmp_path):
+# where the kill leaves checkpoint 4: (folder, its DCP state complete, its meta.json written)
+TORN = {"dcp": (".tmp-step-000004", False, False), "export": (".tmp-step-000004", True, False),
+        "rename": (".tmp-step-000004", True, True), "last": ("step-000004", True, True)}
+
+
+@pytest.mark.parametrize("point", TORN)
+def test_save_killed_mid_write_never_becomes_last(config, fsdp2, tmp_path, point):
     run = {**config["fsdp2-lora"], "log_dir": str(tmp_path / "runs"), "name": "torn", "every": 1}
     ckpts = tmp_path / "runs" / "torn" / "checkpoints"
-    died = launch(tmp_path, [{**run, "kill_in_save_at": 4}], check=False)
+    died = launch(tmp_path, [{**run, "kill_in_save_at": 4, "kill_point": point}], check=False)
     assert died.returncode != 0
-    torn = ckpts / ".tmp-step-000004"
-    assert (torn / "state" / ".metadata").is_file() and not (torn / "meta.json").exists()  # state written, not marked
+    folder, state_done, marked = TORN[point]
+    torn = ckpts / folder
+    assert torn.is_dir() and (torn / "state" / ".metadata").is_file() == state_done
+    assert (torn / "meta.json").exists() == marked
     assert (ckpts / "last").resolve().name == "step-000003" and meta(ckpts.parent)["step"] == 3
 
     launch(tmp_path, [{**run, "resume": True, "out": str(tmp_path / "out")}])
+    assert meta(ckpts.parent)["resumed_from"] == 3  # the resumed process started at step 4
     assert max_diff(_load(tmp_path / "out" / "final.pt"), _load(fsdp2 / "lora-full" / "final.pt")) == 0.0
     assert (ckpts / "last").resolve().name == f"step-{STEPS:06d}"
     assert not list(ckpts.glob(".tmp-*"))  # the torn save was cleared by the next complete one
@@ -72,6 +82,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_with_trainer_launcher(config, 
     assert saved["preempted"] and saved["world_size"] == 2 and seen <= saved["step"] < STEPS
 
     done = launch(tmp_path, [{**run, "resume": True}], nproc=1)
+    assert meta(run_dir)["resumed_from"] == saved["step"]
     assert f"RUN_DIR {run_dir}" in done.stdout  # fit() in the launching process returns rank 0's run dir
     exported = load_file(run_dir / "checkpoints" / "last" / "model" / "model.safetensors")
     reference = load_file(ddp / "runs" / "sft-full" / "checkpoints" / "last" / "model" / "model.safetensors")

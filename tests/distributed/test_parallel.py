@@ -64,11 +64,13 @@ def test_fsdp2_loss_curve_matches_single_process(fsdp2, single):
 def test_fsdp2_stop_and_resume_is_bitwise(fsdp2, kind):
     full, resumed = _load(fsdp2 / f"{kind}-full" / "final.pt"), _load(fsdp2 / f"{kind}-resumed" / "final.pt")
     assert max_diff(full, resumed) == 0.0
+    assert meta(fsdp2 / "runs" / f"{kind}-split")["resumed_from"] == {"lora": 3, "sft": 5}[kind]
     assert losses(fsdp2 / "runs" / f"{kind}-split") == losses(fsdp2 / "runs" / f"{kind}-full")
 
 
 def test_ddp_stop_and_resume_is_bitwise(ddp):
     assert max_diff(_load(ddp / "sft-full" / "final.pt"), _load(ddp / "sft-resumed" / "final.pt")) == 0.0
+    assert meta(ddp / "runs" / "sft-split")["resumed_from"] == 3
 
 
 def test_fsdp2_lora_export_loads_in_peft_and_matches(fsdp2, small_model):
@@ -106,7 +108,7 @@ def test_fsdp2_checkpoint_resumes_on_one_process(fsdp2, single):
     resumed = single / "runs" / "from-2-ranks"
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(6, STEPS + 1))
-    assert meta(resumed)["world_size"] == 1
+    assert meta(resumed)["world_size"] == 1 and meta(resumed)["resumed_from"] == 5
     got = _load(single / "from-2-ranks" / "final.pt")
     diff_2 = max_diff(got, _load(fsdp2 / "sft-full" / "final.pt"))
     diff_1 = max_diff(got, _load(single / "sft-full" / "final.pt"))

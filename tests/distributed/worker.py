@@ -8,7 +8,8 @@ torchrun start serves several fits). A run's keys:
   every, resume, resume_from                   checkpoint interval, AutoResume(if exists | from a path)
   out                                          folder for results: final.pt (rank 0, full weights),
                                                rank{r}.pt (each rank's weights), logits.pt, syncs.json
-  kill_in_save_at                              SIGKILL this process while it writes checkpoint N
+  kill_in_save_at, kill_point                  SIGKILL this process while it writes checkpoint N, at
+                                               kill_point dcp | export (default) | rename | last
 """
 
 from __future__ import annotations
@@ -51,15 +52,64 @@ class SyncCounter:
         module.register_comm_hook(None, hook)
 
 
-def _kill_in_save(step: int) -> None:
-    real = HFAutoModelForCausalLM.save_hf
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_hf(self, out, **kw):
-        if Path(out).name.endswith(f"step-{step:06d}"):  # the DCP state of this step is written by now
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, out, **kw)
 
-    HFAutoModelForCausalLM.save_hf = save_hf
+def _kill_in_save(step: int, point: str) -> None:
+    """SIGKILL this process at ``point`` of writing checkpoint ``step``: mid-way through the DCP state
+    (``dcp``: after its first tensor hit the file), in the HF export (``export``: state complete),
+    just before the folder's rename (``rename``: meta.json written) or before ``last`` moves (``last``)."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from nemo_automodel.trainer import checkpoint
+
+    ours = f"step-{step:06d}"
+    if point == "dcp":
+        real_save, real_item, armed = dcp.save, dcp_fs._write_item, []
+
+        def save(state, *args, checkpoint_id=None, **kw):
+            if checkpoint_id and ours in str(checkpoint_id):
+                armed.append(True)
+            return real_save(state, *args, checkpoint_id=checkpoint_id, **kw)
+
+        def write_item(*args, **kw):
+            result = real_item(*args, **kw)
+            if armed:
+                _die()
+            return result
+
+        dcp.save, dcp_fs._write_item = save, write_item
+    elif point == "export":
+        real_export = HFAutoModelForCausalLM.save_hf
+
+        def save_hf(self, out, **kw):
+            if Path(out).name.endswith(ours):  # the DCP state of this step is written by now
+                _die()
+            return real_export(self, out, **kw)
+
+        HFAutoModelForCausalLM.save_hf = save_hf
+    elif point == "rename":
+        real_replace = checkpoint.os.replace
+
+        def replace(src, dst, *args, **kw):
+            if Path(src).name == f"{checkpoint.TMP_PREFIX}{ours}":
+                _die()
+            return real_replace(src, dst, *args, **kw)
+
+        checkpoint.os.replace = replace
+    elif point == "last":
+        real_point = checkpoint._point_last
+
+        def point_last(root, target):
+            if Path(target).name == ours:
+                _die()
+            return real_point(root, target)
+
+        checkpoint._point_last = point_last
+    else:
+        raise ValueError(point)
 
 
 def fit(run: dict, callbacks: list) -> tuple:
@@ -71,7 +121,8 @@ def fit(run: dict, callbacks: list) -> tuple:
                             WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4, max_steps=run.get("total", run["steps"])))
     trainer = Trainer(devices=run.get("devices", 1), strategy=run.get("strategy"), max_steps=run["steps"],
                       log_every_n_steps=1, gradient_clip_val=1.0, enable_progress_bar=False, callbacks=callbacks)
-    peft = LoRA(target_modules=["*_proj"], dim=4) if run.get("peft") else None
+    # dropout > 0: resuming bitwise needs every rank's RNG restored
+    peft = LoRA(target_modules=["*_proj"], dim=4, dropout=0.1) if run.get("peft") else None
     ckpt = ModelCheckpoint(every_n_train_steps=run.get("every"), keep_last=2)
     run_dir = finetune(model=model, data=data, trainer=trainer, peft=peft, optim=optim, resume=_resume(run),
                        log=NeMoLogger(log_dir=run["log_dir"], name=run["name"], ckpt=ckpt, tensorboard=False))
@@ -107,7 +158,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     for run in spec["runs"]:
         if run.get("kill_in_save_at"):
-            _kill_in_save(run["kill_in_save_at"])
+            _kill_in_save(run["kill_in_save_at"], run.get("kill_point", "export"))
         callbacks = [SyncCounter()] if run.get("count_syncs") else []
         model, trainer, run_dir = fit(run, callbacks)
         if run.get("out") and not run.get("devices", 1) > 1:

@@ -77,3 +77,17 @@ def chat_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def local_ddp_adapter(tiny_llama, chat_file, tmp_path_factory) -> dict:
+    """The adapter of the tiny LoRA recipe run locally (NeMo-Run LocalExecutor, torchrun x2, DDP): what a
+    Slurm or Docker job of the same recipe must produce bitwise (torchrun sets OMP_NUM_THREADS=1 in all)."""
+    from tests.executors.cli_helpers import adapter, explain, run_cli, tiny_args
+
+    out, home = tmp_path_factory.mktemp("local-ref"), tmp_path_factory.mktemp("nemorun-local-ref")
+    proc = run_cli(*tiny_args(tiny_llama, chat_file, out, "local-ref"), "executor=local",
+                   "executor.ntasks_per_node=2", "trainer.strategy=ddp", "--name", "local-ref", "--yes",
+                   env={"NEMORUN_HOME": str(home)})
+    assert proc.returncode == 0, explain(proc)
+    return adapter(out / "local-ref")

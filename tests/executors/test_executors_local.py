@@ -45,6 +45,19 @@ def test_sweep_runs_the_product_in_parallel_and_writes_a_summary(tiny_llama, cha
     assert "final metrics" in proc.stdout and table[0] in proc.stdout
 
 
+def test_sweep_with_shell_metacharacters_in_values_runs_them_as_data(tiny_llama, chat_file, tmp_path, nemorun_home):
+    """Executed for real (not --dryrun): a sweep value that is a shell command becomes a run name, nothing more."""
+    marker = tmp_path / "pwned"
+    out = tmp_path / "runs"
+    evil = f"a $(touch {marker}) `touch {marker}`; touch {marker}"
+    proc = run_cli(*tiny_args(tiny_llama, chat_file, out, "sw", steps=1), f"log.name=['{evil}',b]",
+                   "--name", "quoting", "--yes")
+    assert proc.returncode == 0, explain(proc)
+    assert "SUCCEEDED" in proc.stdout and "FAILED" not in proc.stdout
+    assert (out / evil / "checkpoints" / "last" / "meta.json").is_file()  # the literal value is the run's name
+    assert not marker.exists(), "a shell metacharacter was executed"
+
+
 def test_experiment_api_status_logs_and_failures(tmp_path, nemorun_home):
     env = {"PYTHONPATH": str(ROOT), "WEIRD": "a b; $(echo no)"}
     exp = Experiment("api", executor=executors.local(env_vars=env))

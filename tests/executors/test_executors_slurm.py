@@ -14,7 +14,7 @@ import pytest
 import executors
 from nemo_automodel.launch.experiment import Experiment, JobFailed
 from tests.executors import jobs
-from tests.executors.cli_helpers import ROOT, explain, run_cli, tiny_args
+from tests.executors.cli_helpers import ROOT, adapter, assert_bitwise_equal, explain, run_cli, tiny_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 PWNED = Path("/tmp/nemo-automodel-pwned-slurm")
@@ -36,7 +36,8 @@ def _eventually(check, timeout: float = 30.0) -> bool:
 
 
 @pytest.mark.distributed
-def test_recipe_file_on_slurm_with_two_torchrun_ranks(slurm_cluster, tiny_llama, chat_file, tmp_path, nemorun_home):
+def test_recipe_file_on_slurm_with_two_torchrun_ranks(slurm_cluster, tiny_llama, chat_file, tmp_path, nemorun_home,
+                                                      local_ddp_adapter):
     out = tmp_path / "runs"
     proc = run_cli(*tiny_args(tiny_llama, chat_file, out, "slurm-ddp"), "executor=slurm",
                    "executor.ntasks_per_node=2", "executor.time=00:10:00", "trainer.strategy=ddp",
@@ -50,6 +51,7 @@ def test_recipe_file_on_slurm_with_two_torchrun_ranks(slurm_cluster, tiny_llama,
     text = logs[0].read_text()
     assert "[default0]:" in text and "[default1]:" in text  # both torchrun ranks wrote to the job log
     assert _eventually(lambda: "root-root.slurm-ddp|COMPLETED" in _sacct("--name", "root-root.slurm-ddp"))
+    assert_bitwise_equal(adapter(out / "slurm-ddp"), local_ddp_adapter)  # the same training as a local run
 
 
 def test_a_failing_slurm_job_exits_1_and_shows_its_log(slurm_cluster, chat_file, tmp_path, nemorun_home):

@@ -115,3 +115,9 @@ def test_graphs_that_use_main_are_detected():
     assert not _uses_main(hf_recipe.finetune_recipe())
     assert _uses_main(run.Partial(local_fn, 1))
     assert _uses_main(run.Partial(json.dumps, [run.Config(local_fn, 2)]))
+
+
+def test_task_names_of_long_values_stay_short_and_distinct():
+    long_a, long_b = "x" * 150 + "a", "x" * 150 + "b"
+    a, b = sweep.task_name({"log.name": long_a}), sweep.task_name({"log.name": long_b})
+    assert len(a) == len(b) == sweep.MAX_TASK_NAME and a != b and a.startswith("name-xxx")
