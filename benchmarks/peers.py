@@ -1,9 +1,13 @@
-"""Ours vs HF ``transformers.Trainer`` vs TRL ``SFTTrainer`` (packing on) on real chat data.
+"""Ours vs HF ``transformers.Trainer`` vs TRL ``SFTTrainer`` on real chat data, like with like.
 
-SmolLM2-135M-Instruct (``assets.smollm2_hf_dir()``), LoRA r16 on the 7 projections, fp32, AdamW
-lr 1e-4, the demo chat data (chatterbot + HumanEval, 33-512 tokens) in SmolLM2's chat template,
-max length 512, about 900 real tokens per optimizer step for everyone (8 padded rows for
-HF Trainer; 2 packed rows of 512 for ours and TRL). Throughput counts non-pad tokens only.
+SmolLM2-135M-Instruct (``assets.smollm2_hf_dir()``), LoRA r16 on the 7 projections, AdamW lr 1e-4,
+the demo chat data (chatterbot + HumanEval, 33-512 tokens) in SmolLM2's chat template, max length
+512. Every peer's settings are set explicitly, never left at a library default, and printed per
+worker (``CONFIG`` lines): precision (``-bf16`` workers: bf16 autocast over fp32 weights; the rest
+fp32), packing, rows per step, gradient checkpointing (off everywhere). Groups compare like with
+like: packed ours vs packed TRL in fp32 and in bf16 (2 rows of 512 per step), and unpacked ours vs
+HF Trainer on the same batches (8 padded rows per step, both in file order). Throughput counts
+non-pad tokens only.
 
 Each framework runs in its own process (TRL lives only in ``.venv-bench/site``, never in
 ``.venv``). The processes of a group run in lockstep: the driver lets step k of each worker run
@@ -29,7 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_SITE = ROOT / ".venv-bench" / "site"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LEN, LR = 512, 1e-4
-WORKERS = ("ours", "ours-padded", "ours-bf16", "ours-chunked", "hf", "trl")
+WORKERS = ("ours", "ours-padded", "ours-bf16", "ours-chunked", "hf", "trl", "trl-bf16")
+GROUPS = "ours,trl;ours-bf16,trl-bf16;ours-padded,hf;ours,ours-padded,ours-bf16"
+
+
+def _config(**settings) -> None:
+    """Announce a worker's settings (the driver prints them): nothing compared is left implicit."""
+    print("CONFIG " + json.dumps(settings), flush=True)
 
 
 def _rows(args) -> list[list[dict]]:
@@ -87,15 +97,18 @@ def run_ours(args, variant: str) -> tuple[int, float]:
             _report(seen[-1], times[-1])
             return out
 
+    precision = "bf16-mixed" if variant == "ours-bf16" else "32"
+    _config(precision=precision, packing=packed, rows_per_step=2 if packed else 8, order="shuffled" if packed else
+            "file", gradient_checkpointing=False, chunked_loss=variant == "ours-chunked")
     model = llm.HFAutoModelForCausalLM(str(assets.smollm2_hf_dir()), chunked_loss=variant == "ours-chunked")
+    # unpacked: file order, so the HF Trainer group sees the same 8 rows per step
     data = llm.HFDatasetDataModule(datasets.Dataset.from_dict({"messages": _rows(args)}), formatting="chat",
                                    seq_length=MAX_LEN, micro_batch_size=2 if packed else 8,
-                                   packed_sequence_size=MAX_LEN if packed else 0, seed=0)
+                                   packed_sequence_size=MAX_LEN if packed else 0, seed=0, shuffle=packed)
     llm.api.finetune(model=model, data=data, peft=llm.peft.LoRA(target_modules=LORA_TARGETS, dim=16, alpha=32),
                      optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=LR)),
                      trainer=Timed(max_steps=args.warmup + args.steps, log_every_n_steps=10**9,
-                                   enable_progress_bar=False, enable_checkpointing=False,
-                                   precision="bf16-mixed" if variant == "ours-bf16" else "32"),
+                                   enable_progress_bar=False, enable_checkpointing=False, precision=precision),
                      log=nl.NeMoLogger(log_dir=args.tmp, name=variant, tensorboard=False))
     return sum(seen[args.warmup:]), sum(times[args.warmup:])
 
@@ -140,10 +153,13 @@ def _timed_trainer(base):
     return Timed, Clock(), seen
 
 
-def _common_args(args, **kw):
+def _common_args(args, bf16: bool, **kw):
+    """Settings both HF Trainer and TRL take; precision and gradient checkpointing explicit (TRL 1.16's
+    SFTConfig defaults to bf16=True and gradient_checkpointing=True on CPU)."""
     return dict(output_dir=args.tmp, max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant",
                 weight_decay=0.0, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-                dataloader_num_workers=0, disable_tqdm=True, seed=0, **kw)
+                dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=bf16, fp16=False,
+                gradient_checkpointing=False, **kw)
 
 
 def run_hf(args) -> tuple[int, float]:
@@ -160,14 +176,16 @@ def run_hf(args) -> tuple[int, float]:
 
     ds = datasets.Dataset.from_list([encode(m) for m in _rows(args)])
     Timed, clock, seen = _timed_trainer(transformers.Trainer)
+    _config(precision="32", packing=False, rows_per_step=8, order="file", gradient_checkpointing=False)
     trainer = Timed(model=get_peft_model(model, lora), train_dataset=ds, callbacks=[clock],
                     data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
-                    args=transformers.TrainingArguments(**_common_args(args, per_device_train_batch_size=8)))
+                    args=transformers.TrainingArguments(**_common_args(args, bf16=False, per_device_train_batch_size=8,
+                                                                       train_sampling_strategy="sequential")))
     trainer.train()
     return sum(seen[args.warmup:]), sum(clock.times[args.warmup:])
 
 
-def run_trl(args) -> tuple[int, float]:
+def run_trl(args, bf16: bool) -> tuple[int, float]:
     import datasets
     import transformers
     from trl import SFTConfig, SFTTrainer
@@ -176,8 +194,11 @@ def run_trl(args) -> tuple[int, float]:
     tok = transformers.AutoTokenizer.from_pretrained(model.config._name_or_path)
     ds = datasets.Dataset.from_list([{"prompt": m[:1], "completion": m[1:]} for m in _rows(args)])
     Timed, clock, seen = _timed_trainer(SFTTrainer)
-    cfg = SFTConfig(**_common_args(args, per_device_train_batch_size=2), packing=True, max_length=MAX_LEN,
-                    gradient_checkpointing=False)  # its default is on: slower, and memory is not short here
+    settings = dict(packing=True, packing_strategy="bfd", padding_free=False, max_length=MAX_LEN, loss_type="nll",
+                    completion_only_loss=True)
+    _config(precision="bf16-mixed" if bf16 else "32", rows_per_step=2, order="shuffled", gradient_checkpointing=False,
+            **settings)
+    cfg = SFTConfig(**_common_args(args, bf16=bf16, per_device_train_batch_size=2), **settings)
     trainer = Timed(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora,
                     callbacks=[clock])
     trainer.train()
@@ -193,14 +214,23 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         args.tmp = tmp
         torch.manual_seed(0)
-        fn = {"hf": run_hf, "trl": run_trl}.get(args.worker)
-        tokens, secs = fn(args) if fn else run_ours(args, args.worker)
+        if args.worker == "hf":
+            tokens, secs = run_hf(args)
+        elif args.worker.startswith("trl"):
+            tokens, secs = run_trl(args, bf16=args.worker == "trl-bf16")
+        else:
+            tokens, secs = run_ours(args, args.worker)
     print("RESULT " + json.dumps({"tokens": tokens, "seconds": secs}), flush=True)
 
 
 # -- driver ------------------------------------------------------------------------------
-def _read(proc, prefix: str) -> str | None:
+CONFIGS: dict[str, str] = {}
+
+
+def _read(proc, prefix: str, name: str = "") -> str | None:
     for line in proc.stdout:
+        if line.startswith("CONFIG "):
+            CONFIGS[name] = line[7:].strip()
         if line.startswith(prefix):
             return line
     return None
@@ -214,7 +244,7 @@ def lockstep(names: list[str], args) -> dict[str, list[tuple[int, float]]]:
     procs, logs = {}, {}
     for name in names:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PEERS_LOCKSTEP="1")
-        if name == "trl":
+        if name.startswith("trl"):
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_SITE), env.get("PYTHONPATH")]))
         logs[name] = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -223,7 +253,7 @@ def lockstep(names: list[str], args) -> dict[str, list[tuple[int, float]]]:
     steps: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
     for _ in range(args.warmup + args.steps):
         for name, proc in list(procs.items()):
-            if _read(proc, "READY") is None:
+            if _read(proc, "READY", name) is None:
                 logs[name].seek(0)
                 print(f"  {name}: failed: {' | '.join(logs[name].read().strip().splitlines()[-3:])}", flush=True)
                 procs.pop(name)
@@ -242,30 +272,36 @@ def lockstep(names: list[str], args) -> dict[str, list[tuple[int, float]]]:
     return {n: v[args.warmup:] for n, v in steps.items() if n in procs}
 
 
+LABELS = {"hf": "HF Trainer (padded, same batches)", "trl": "TRL SFTTrainer (packed)",
+          "trl-bf16": "TRL SFTTrainer bf16 (packed)", "ours-padded": "ours without packing", "ours-bf16": "ours bf16",
+          "ours-chunked": "ours chunked loss"}
+
+
 def report(group: list[str], args) -> None:
     print(f"group {group}: {args.warmup}+{args.steps} steps in lockstep, load {os.getloadavg()[0]:.1f}", flush=True)
     got = lockstep(group, args)
     for name, st in got.items():
         tok, sec = sum(t for t, _ in st), sum(s for _, s in st)
-        print(f"  {name:<13} {tok / sec:8.1f} non-pad tok/s ({tok} tokens in {sec:.1f} s)")
-    labels = {"hf": "HF Trainer (padded)", "trl": "TRL SFTTrainer packing=True", "ours-padded": "ours without packing",
-              "ours-bf16": "ours bf16", "ours-chunked": "ours chunked loss"}
+        print(f"  {name:<13} {tok / sec:8.1f} non-pad tok/s ({tok} tokens in {sec:.1f} s)  {CONFIGS.get(name, '')}")
     ref = group[0]
     for other in group[1:]:
-        if ref in got and other in got:
-            r = statistics.median((t1 / s1) / (t2 / s2) for (t1, s1), (t2, s2) in zip(got[ref], got[other]))
-            if other in ("ours-bf16", "ours-chunked"):
-                print(f"ratio {labels[other]} ÷ {ref}: {1 / r:.2f} (median of per-step ratios)")
-            else:
-                print(f"ratio {ref} ÷ {labels[other]}: {r:.2f} (median of per-step ratios)")
+        if ref not in got or other not in got:
+            continue
+        per_step = sorted((t1 / s1) / (t2 / s2) for (t1, s1), (t2, s2) in zip(got[ref], got[other]))
+        if other in ("ours-bf16", "ours-chunked"):  # the variant over ours
+            per_step, title = sorted(1 / r for r in per_step), f"{LABELS[other]} ÷ {ref}"
+        else:
+            title = f"{LABELS.get(ref, ref)} ÷ {LABELS[other]}"
+        print(f"ratio {title}: {statistics.median(per_step):.2f} (median of {len(per_step)} per-step ratios; "
+              f"min {per_step[0]:.2f}, max {per_step[-1]:.2f})")
     print(f"(load average at the end {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per worker (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--groups", default="ours,hf,trl;ours,ours-padded,ours-bf16",
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per worker (default 8)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--groups", default=GROUPS,
                    help=f"';'-separated groups of {WORKERS}, each run in lockstep; ratios vs the first")
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -275,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = [[n for n in g.split(",") if n] for g in args.groups.split(";")]
     if not (BENCH_SITE / "trl").is_dir():
         print(f"TRL is not installed in {BENCH_SITE} (make bench installs it); skipping it")
-        groups = [[n for n in g if n != "trl"] for g in groups]
-    print(f"SmolLM2-135M LoRA r16, fp32 unless named, demo chat data, {os.cpu_count()} CPUs", flush=True)
+        groups = [[n for n in g if not n.startswith("trl")] for g in groups]
+    print(f"SmolLM2-135M LoRA r16, fp32 unless named -bf16, demo chat data, {os.cpu_count()} CPUs", flush=True)
     t0 = time.perf_counter()
     for group in groups:
         report(group, args)

@@ -3,8 +3,8 @@
 1. ``trainer_vs_torch_loop.py`` — ours ÷ hand loop and MFU (hidden 512, fp32), eager and with
    ``--jit`` (compile on ÷ off = the ratio of the two paired ratios).
 2. ``loss_memory.py`` — peak memory chunked ÷ plain loss (vocab 32768 and 49152, 2 x 1024 tokens).
-3. ``peers.py`` — ours ÷ HF Trainer, ÷ TRL SFTTrainer (packing), packing on/off, bf16 on/off on
-   SmolLM2-135M + the demo chat data.
+3. ``peers.py`` — ours ÷ TRL SFTTrainer (both packed) in fp32 and in bf16, ours unpacked ÷ HF
+   Trainer (same batches), packing on/off, bf16 on/off on SmolLM2-135M + the demo chat data.
 4. ``profile_step.py`` — the share of a step spent in the model's own math (matmul, attention):
    the ceiling on what any framework can gain in the same precision.
 5. ``megatron_load.py`` — peak memory of building a Megatron model from a bf16 HF checkpoint:
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     run("ours+torch.compile ÷ hand loop (eager)", ["benchmarks/trainer_vs_torch_loop.py", "--jit", *steps], rows)
     run("loss memory, vocab 32768", ["benchmarks/loss_memory.py", "--vocab", "32768"], rows)
     run("loss memory, vocab 49152", ["benchmarks/loss_memory.py", "--vocab", "49152"], rows)
-    # 3 timed steps: with 2, one noisy step swung ours ÷ TRL between 0.98 and 1.55 on this VM
-    peer_steps = ["--steps", "1", "--warmup", "1"] if a.quick else ["--steps", "3", "--warmup", "1"]
+    # 8 timed steps, min/median/max of the per-step ratios printed: a few steps swung ours ÷ TRL 0.98..1.55 here
+    peer_steps = ["--steps", "1", "--warmup", "1"] if a.quick else ["--steps", "8", "--warmup", "2"]
     run("peers: SmolLM2-135M LoRA, demo chat data", ["benchmarks/peers.py", *peer_steps], rows)
     run("where a step's time goes (torch.profiler)", ["benchmarks/profile_step.py"], rows)
     run("Megatron load from a bf16 HF checkpoint", ["benchmarks/megatron_load.py"], rows)

@@ -35,10 +35,10 @@ from nemo_automodel import api
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.launch import sweep
 from nemo_automodel.launch.experiment import Experiment, JobFailed, check_name, run_dir_of
-from nemo_automodel.launch.guard import run_graph
+from nemo_automodel.launch.guard import EXIT_CONFIG_ERROR, EXIT_RUN_ERROR, run_graph
 from nemo_automodel.launch.nemo_run_cli import apply_overrides, executor_args, factory_names, root_cause, walk
 
-EXIT_JOB_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_JOB_FAILED, EXIT_BAD_INPUT = EXIT_RUN_ERROR, EXIT_CONFIG_ERROR
 NAMESPACE = "automodel"
 
 

@@ -20,13 +20,10 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as err:
+        except (ConfigError, RunError) as err:
             # Fiddle appends its build context on later lines; the cause is the first line.
             print(f"error: {first_line(err)}", file=sys.stderr)
-            raise SystemExit(EXIT_CONFIG_ERROR) from None
-        except RunError as err:
-            print(f"error: {first_line(err)}", file=sys.stderr)
-            raise SystemExit(EXIT_RUN_ERROR) from None
+            raise SystemExit(EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_RUN_ERROR) from None
 
     return wrapper
 
