@@ -6,6 +6,7 @@ trainer's own launcher) through ``worker.py``; gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,7 +69,15 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
-    os.killpg(proc.pid, sig)
+    """Signal ``proc`` and every descendant. torchrun starts its workers in sessions of their own, so
+    signalling the process group alone leaves them running (the run then finishes by itself)."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+    psutil.wait_procs(tree, timeout=120)
     return proc.wait(timeout=120)
 
 

@@ -146,7 +146,7 @@ def save_results(run: dict, model, trainer, callbacks: list) -> None:
         local = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.model.state_dict().items()}
         torch.save(local, out / f"rank{rank}.pt")
     with torch.no_grad():
-        logits = model.model(input_ids=IDS, use_cache=False).logits
+        logits = model.model.eval()(input_ids=IDS, use_cache=False).logits  # no LoRA dropout
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in full.items()}, out / "final.pt")
         torch.save(logits, out / "logits.pt")
