@@ -23,6 +23,9 @@ kw = {kw}
 recipe = finetune_recipe(model_id=kw.pop("model_id"), dataset=kw.pop("dataset"), formatting="chat", dir=kw.pop("dir"),
                          name="run", max_steps=2, seq_length=kw.pop("seq_length", 64), micro_batch_size=2,
                          global_batch_size=kw.pop("global_batch_size", 4))
+if "warmup_steps" in kw:  # the recipe's LR is flat: swap in a warmup schedule
+    from nemo_automodel.llm import adam
+    recipe.optim = adam.pytorch_adam_with_cosine_annealing(warmup_steps=kw.pop("warmup_steps"))
 for path, value in kw.items():
     *nodes, attr = path.split(".")
     node = recipe
@@ -68,7 +71,7 @@ CASES = {
     "betas": ({"optim.optimizer_fn.betas": (0.9, 1.0)}, "betas=(0.9, 1.0) is invalid"),
     "eps": ({"optim.optimizer_fn.eps": 0.0}, "eps=0.0 is invalid"),
     "weight_decay": ({"optim.optimizer_fn.weight_decay": -0.1}, "weight_decay=-0.1 is invalid"),
-    "warmup": ({"optim.lr_scheduler.warmup_steps": 5}, "warmup_steps=5 is invalid: the run has only 2 steps"),
+    "warmup": ({"warmup_steps": 5}, "warmup_steps=5 is invalid: the run has only 2 steps"),
 }
 
 
