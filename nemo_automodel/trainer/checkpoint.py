@@ -195,7 +195,7 @@ def _write(tmp: Path, step: int, *, model, module, optimizer, scheduler, data, s
                 "micro_batch_size": data.micro_batch_size, **meta,
                 "saved_at": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": checksums.record(tmp)}  # also fsyncs every file before meta.json marks it complete
-        _fsync(tmp)
+        checksums.fsync(tmp)
         _write_durably(tmp / "meta.json", json.dumps(meta, indent=1))
 
 
@@ -236,21 +236,13 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _point_last(ckpt_root: Path, target: Path) -> None:
     link = ckpt_root / ".last.tmp"
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(target.name, link)
     os.replace(link, ckpt_root / "last")
-    _fsync(ckpt_root)
+    checksums.fsync(ckpt_root)
 
 
 def _remove(path: Path) -> None:

@@ -22,17 +22,23 @@ def _sha256(path: Path) -> str:
 
 
 def record(root: Path) -> dict[str, dict]:
-    """``{relative path: {"size", "sha256"}}`` of every file under ``root`` except ``meta.json``, each
-    flushed to disk (fsync) on the way."""
+    """``{relative path: {"size", "sha256"}}`` of every file under ``root`` except ``meta.json``; every
+    file and folder below ``root`` is flushed to disk (fsync) on the way."""
     files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != META):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        files[str(path.relative_to(root))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    for path in sorted(root.rglob("*")):
+        fsync(path)
+        if path.is_file() and path.name != META:
+            files[str(path.relative_to(root))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     return files
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_meta(ckpt: Path) -> dict:

@@ -112,7 +112,8 @@ class Trainer:
                 raise ConfigError(f"the training split has {data.micro_batches_per_epoch} micro-batches per rank, "
                                   f"fewer than one optimizer step ({accum}): use more data or smaller batches")
             max_steps = per_epoch * self.max_epochs
-        optim.check(max_steps)
+        if self.max_steps <= 0:  # max_steps came from max_epochs: fit checked the schedule against neither
+            optim.check(max_steps)
         self._clip = self.gradient_clip_val or optim.clip_grad
         optimizer, scheduler = optim.build((p for p in module.parameters() if p.requires_grad), max_steps)
         return module, optimizer, scheduler, accum, max_steps
