@@ -42,8 +42,12 @@ class TrainableModel(Protocol):
     def is_peft(self) -> bool:
         """True once adapters were added by ``apply_peft``."""
 
-    def configure_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
-        """Load or build the module on ``device``; idempotent."""
+    def configure_model(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """Load or build the module on ``device``; idempotent. ``dtype`` overrides the weights' dtype."""
+
+    def check(self, peft: PeftMethod | None, strategy: Strategy) -> None:
+        """Refuse, in one line, a combination this model cannot train (e.g. a 4-bit base with no
+        ``peft``); called by ``Trainer.fit`` before anything loads."""
 
     def apply_peft(self, peft: PeftMethod) -> torch.nn.Module:
         """Add ``peft``'s adapters the way this backend can; returns the adapted module."""
@@ -58,6 +62,7 @@ class TrainableModel(Protocol):
 class Strategy(Protocol):
     """Processes, device and model wrapping: single device, DDP, FSDP2 or Megatron TP + DP."""
 
+    name: str  # "single", "ddp", "fsdp2", "megatron"
     rank: int
     world_size: int
     device: torch.device

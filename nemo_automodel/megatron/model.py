@@ -83,10 +83,12 @@ class MegatronGPTModel:
         except OSError as err:
             raise ConfigError(f"model_id={self.model_id!r} has no readable config.json: {err}") from err
 
-    def configure_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
-        """Build this rank's slice of the model on ``device`` (needs `MegatronStrategy.setup` first)."""
+    def configure_model(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """Build this rank's slice of the model on ``device`` (needs `MegatronStrategy.setup` first);
+        ``dtype`` overrides ``torch_dtype`` (Megatron's ``params_dtype``)."""
         if self.model is not None:
             return self.model
+        self.dtype = dtype or self.dtype
         parallel_state, _ = import_megatron()
         if not parallel_state.model_parallel_is_initialized():
             raise ConfigError("MegatronGPTModel needs trainer strategy=MegatronStrategy(...) "
@@ -126,6 +128,10 @@ class MegatronGPTModel:
         hf = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self.dtype, revision=self.revision,
                                                   trust_remote_code=self.trust_remote_code)
         return hf.state_dict()
+
+    def check(self, peft, strategy) -> None:
+        """Nothing to refuse before loading: the Megatron path has no quantized base (``to_megatron``
+        refuses one) and trains LoRA or all weights on its own strategy."""
 
     def apply_peft(self, peft) -> torch.nn.Module:
         """LoRA on Megatron's fused parallel linears, selected by the same ``target_modules`` as on HF."""

@@ -110,6 +110,12 @@ def _megatron_model(model: fdl.Buildable, tp: int) -> run.Config:
     args = dict(model.__arguments__)
     if "model_name" in args and "model_id" not in args:
         args["model_id"] = args.pop("model_name")
+    if args.get("quantization") is not None:
+        raise ConfigError(f"to_megatron: quantization={args['quantization']!r} has no Megatron counterpart (the "
+                          "4-bit base is bitsandbytes on the HF path): drop model.quantization to swap backends")
+    if args.get("activation_checkpointing"):
+        raise ConfigError("to_megatron: activation_checkpointing=True is not carried to Megatron-Core yet (its "
+                          "recompute is not wired here): drop model.activation_checkpointing to swap backends")
     dropped = sorted(set(args) - set(SHARED_MODEL_ARGS))
     if dropped:
         log.warning("to_megatron: %s have no Megatron counterpart and are dropped", ", ".join(dropped))

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from nemo_automodel.errors import ConfigError, RunError, check_int, first_line
+from nemo_automodel.models.quantization import drop_quant_state
 from nemo_automodel.trainer import checksums
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,23 @@ def _options(**kw):
     return StateDictOptions(ignore_frozen_params=True, **kw)
 
 
+def _trainable_state(model_sd: dict, module: torch.nn.Module) -> dict:
+    """The model state a checkpoint holds: the trainable weights. ``ignore_frozen_params`` drops a frozen
+    weight under its first name only, so a tied output layer (``lm_head.weight`` = the embedding) stayed
+    in every LoRA checkpoint; a 4-bit base's scales are frozen base too. Both come from the pretrained
+    model again on resume."""
+    frozen = {_address(p) for p in module.parameters() if not p.requires_grad} - {0}
+    return {k: v for k, v in drop_quant_state(model_sd).items()
+            if not (isinstance(v, torch.Tensor) and _address(v) in frozen)}
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where the tensor's data starts: the same for a weight and its tied alias (not for two views of one
+    memory-mapped file)."""
+    local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2: this rank's shard of a DTensor
+    return local.data_ptr()
+
+
 def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, scheduler, data, strategy,
                     keep_last: int = 2, metrics: dict | None = None, preempted: bool = False,
                     resumed_from: int = 0) -> Path:
@@ -184,6 +202,7 @@ def _write(tmp: Path, step: int, *, model, module, optimizer, scheduler, data, s
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
+    model_sd = _trainable_state(model_sd, module)
     dcp.save({"model": model_sd, "optim": optim_sd}, **_dcp_target(tmp, strategy))
     torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": _rng_state()},
                tmp / f"trainer-rank{strategy.rank}.pt")
@@ -289,7 +308,7 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": _trainable_state(model_sd, module), "optim": optim_sd}
     dcp.load(state, **_dcp_target(path, strategy))
     # strict=False: frozen base weights are not in the checkpoint, they come from the pretrained model
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.models.layers import decoder_layers
 
 
 def env_world_size() -> int:
@@ -172,19 +173,10 @@ class FSDP2Strategy(ProcessGroupStrategy):
         kwargs = {"reshard_after_forward": self.reshard_after_forward}
         if mixed_precision is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-        for block in transformer_blocks(module):
+        for block in decoder_layers(module):
             fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
         return module
-
-
-def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder layers: classes the HF model lists as ``_no_split_modules``."""
-    from peft import PeftModel
-
-    base = module.get_base_model() if isinstance(module, PeftModel) else module
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    return [m for m in module.modules() if type(m).__name__ in names]
 
 
 STRATEGIES = {"single": SingleDeviceStrategy, "ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp": FSDP2Strategy}

@@ -24,8 +24,10 @@ from nemo_automodel.trainer.strategy import env_world_size, resolve_strategy
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
-              "bf16-true": torch.bfloat16}
+# precision -> (autocast dtype, weight dtype): "-mixed" autocasts over the model's weights; "bf16-true"
+# loads the weights in bf16 (frozen base bf16; peft keeps LoRA adapters and so their AdamW state fp32)
+PRECISIONS = {"32": (None, None), "32-true": (None, None), "bf16-mixed": (torch.bfloat16, None),
+              "bf16": (torch.bfloat16, None), "bf16-true": (None, torch.bfloat16)}
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — the job checkpointed on SIGTERM and can be requeued
 
 
@@ -46,7 +48,9 @@ class Trainer:
     """Fit a model on a data module.
 
     Lightning/NeMo-style arguments; ``max_steps`` counts optimizer steps. ``precision`` is
-    ``'32'`` or ``'bf16-mixed'`` (autocast). ``strategy`` is None (DDP on several processes,
+    ``'32'``, ``'bf16-mixed'`` (bf16 autocast over the model's weights) or ``'bf16-true'`` (weights
+    loaded in bf16; LoRA adapters and their optimizer state stay fp32; full SFT then trains bf16
+    weights without fp32 master copies, and says so). ``strategy`` is None (DDP on several processes,
     else one device), ``'ddp'``, ``'fsdp2'`` or a strategy object. ``callbacks`` may define
     ``on_train_start(trainer, module)``, ``on_train_step_end(trainer, step, metrics)`` and
     ``on_train_end(trainer)``.
@@ -84,7 +88,7 @@ class Trainer:
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
-        self.autocast_dtype = PRECISIONS[str(precision)]
+        self.autocast_dtype, self.weight_dtype = PRECISIONS[str(precision)]
         self.val_check_interval, self.limit_val_batches = val_check_interval, limit_val_batches
         self.log_every_n_steps, self.callbacks, self.seed = log_every_n_steps, list(callbacks or []), seed
         self.enable_progress_bar, self.enable_checkpointing = enable_progress_bar, enable_checkpointing
@@ -99,12 +103,15 @@ class Trainer:
         torch.manual_seed(self.seed)  # before setup: Megatron derives its model-parallel RNG streams from it
         self.strategy.setup(self.accelerator)
         torch.manual_seed(self.seed)
-        model.configure_model(self.strategy.device)
+        model.configure_model(self.strategy.device, dtype=self.weight_dtype)
         if peft is not None:
             model.apply_peft(peft)
+        elif self.weight_dtype is not None and self.strategy.rank == 0:
+            log.warning("precision='bf16-true' with full fine-tuning: the weights and AdamW state are bf16, with "
+                        "no fp32 master copy (small updates round away); use precision='bf16-mixed' to keep fp32 weights")
         data.setup(model.tokenizer, dp_rank=self.strategy.dp_rank, dp_size=self.strategy.dp_size)
         accum = self._accumulation(data)
-        module = self.strategy.wrap(model.model, mixed_precision=self.autocast_dtype)
+        module = self.strategy.wrap(model.model, mixed_precision=self.autocast_dtype or self.weight_dtype)
         max_steps = self.max_steps
         if max_steps <= 0:
             per_epoch = data.micro_batches_per_epoch // accum
@@ -133,6 +140,7 @@ class Trainer:
         optim = optim or default_optimizer()
         if self.max_steps > 0:
             optim.check(self.max_steps)
+        model.check(peft, self.strategy)  # e.g. a 4-bit base with no peft: one line before anything loads
         log_cfg = log or NeMoLogger()
         self.run_dir = run_dir = log_cfg.run_dir
         ckpt_root = run_dir / "checkpoints"

@@ -80,3 +80,18 @@ def single(tmp_path_factory, config, fsdp2) -> Path:
                  {**config["single-sft"], **common, "name": "from-2-ranks", "resume_from": str(saved_on_2),
                   "out": str(tmp / "from-2-ranks")}], nproc=1)
     return tmp
+
+
+@pytest.fixture(scope="session")
+def fsdp2_memory(tmp_path_factory, config) -> Path:
+    """torchrun x2, FSDP2 with activation checkpointing (LoRA stopped at 3 and resumed; full SFT) and LoRA
+    with precision='bf16-true'; compared with the `fsdp2` runs, which keep every activation."""
+    tmp = tmp_path_factory.mktemp("fsdp2-memory")
+    ckpt = {"activation_checkpointing": True}
+    runs = _trio({**config["fsdp2-lora"], **ckpt}, tmp, "lora", 3)
+    runs.append({**config["fsdp2-sft"], **ckpt, "log_dir": str(tmp / "runs"), "name": "sft-full",
+                 "out": str(tmp / "sft-full")})
+    runs.append({**config["fsdp2-lora"], "precision": "bf16-true", "log_dir": str(tmp / "runs"),
+                 "name": "lora-bf16-true", "out": str(tmp / "lora-bf16-true")})
+    launch(tmp, runs)
+    return tmp

@@ -8,6 +8,7 @@ torchrun start serves several fits). A run's keys:
   every, resume, resume_from                   checkpoint interval, AutoResume(if exists | from a path)
   out                                          folder for results: final.pt (rank 0, full weights),
                                                rank{r}.pt (each rank's weights), logits.pt, syncs.json
+  activation_checkpointing, precision          HFAutoModelForCausalLM / Trainer options (default off, "32")
   kill_in_save_at, kill_point                  SIGKILL this process while it writes checkpoint N, at
                                                kill_point dcp | export (default) | rename | last
 """
@@ -113,14 +114,15 @@ def _kill_in_save(step: int, point: str) -> None:
 
 
 def fit(run: dict, callbacks: list) -> tuple:
-    model = HFAutoModelForCausalLM(run["model"])
+    model = HFAutoModelForCausalLM(run["model"], activation_checkpointing=run.get("activation_checkpointing", False))
     data = HFDatasetDataModule(run["data"], formatting=None, seq_length=64, micro_batch_size=run["micro"],
                                global_batch_size=run["global"], pad_token_id=0, seed=3)
     # = llm.adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=2, min_lr=1e-4), built
     optim = OptimizerModule(functools.partial(torch.optim.AdamW, lr=run.get("lr", 1e-2), weight_decay=0.01),
                             WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4, max_steps=run.get("total", run["steps"])))
     trainer = Trainer(devices=run.get("devices", 1), strategy=run.get("strategy"), max_steps=run["steps"],
-                      log_every_n_steps=1, gradient_clip_val=1.0, enable_progress_bar=False, callbacks=callbacks)
+                      log_every_n_steps=1, gradient_clip_val=1.0, enable_progress_bar=False, callbacks=callbacks,
+                      precision=run.get("precision", "32"))
     # dropout > 0: resuming bitwise needs every rank's RNG restored
     peft = LoRA(target_modules=["*_proj"], dim=4, dropout=0.1) if run.get("peft") else None
     ckpt = ModelCheckpoint(every_n_train_steps=run.get("every"), keep_last=2)

@@ -67,6 +67,10 @@ def test_rewrite_refuses_unsupported_models_and_sizes(tiny_model_factory, megatr
         to_megatron(qwen, tensor_parallel=8)  # 4 heads, 2 query groups
     with pytest.raises(ConfigError, match="recipe.model must be a MegatronGPTModel node"):
         to_automodel(qwen)
+    qwen.trainer.devices = 1
+    qwen.model.activation_checkpointing = True
+    with pytest.raises(ConfigError, match="activation_checkpointing=True is not carried to Megatron-Core"):
+        to_megatron(qwen)
 
 
 @pytest.mark.slow

@@ -46,14 +46,16 @@ def test_compile_keeps_state_dict_keys():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("peft", [False, True], ids=["full-sft", "lora"])
-def test_jit_on_off_same_losses(peft, tiny_llama, tmp_path):
+@pytest.mark.parametrize(("peft", "checkpointing"), [(False, False), (True, False), (True, True)],
+                         ids=["full-sft", "lora", "lora-activation-checkpointing"])
+def test_jit_on_off_same_losses(peft, checkpointing, tiny_llama, tmp_path):
+    """The compiled run (with activation checkpointing where asked) against a plain eager run."""
     torch._dynamo.reset()
     runs = []
     for jit in (False, True):
         cb = JitTransform(JitConfig(use_torch=True)) if jit else None
         run_dir = llm.api.finetune(
-            model=llm.HFAutoModelForCausalLM(str(tiny_llama)),
+            model=llm.HFAutoModelForCausalLM(str(tiny_llama), activation_checkpointing=jit and checkpointing),
             peft=llm.peft.LoRA(target_modules=["*_proj"], dim=8) if peft else None,
             data=llm.HFDatasetDataModule(chat_dataset(), formatting="chat", seq_length=64, micro_batch_size=4,
                                          global_batch_size=8),

@@ -1,0 +1,33 @@
+"""The repeated decoder layers of a HF model, and activation checkpointing on them."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_automodel.errors import ConfigError
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder layers: modules of the classes the HF model lists as ``_no_split_modules``
+    (found through a peft wrapper too)."""
+    from peft import PeftModel
+
+    base = module.get_base_model() if isinstance(module, PeftModel) else module
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in module.modules() if type(m).__name__ in names]
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> int:
+    """Recompute each decoder layer's activations in backward (non-reentrant); returns the layer count.
+
+    Uses transformers' own switch, so module names (peft targets, checkpoints) are unchanged and it
+    acts only in training mode. Non-reentrant checkpointing needs no ``requires_grad`` on the inputs
+    (LoRA's frozen embeddings are fine), restores the RNG for the recompute (dropout masks match) and
+    composes with FSDP2 and ``torch.compile``.
+    """
+    layers = decoder_layers(model)
+    if not layers or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"activation_checkpointing=True: {type(model).__name__} has no repeated decoder layers "
+                          "that transformers can checkpoint; set activation_checkpointing=False")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return len(layers)
