@@ -6,13 +6,15 @@
     python recipes/smollm2_135m.py executor=slurm executor.nodes=2 --dryrun    # + the sbatch script
     python recipes/smollm2_135m.py optim.optimizer_fn.lr=[1e-4,3e-4] peft.dim=[8,16] --yes  # 4 runs
     nemo automodel finetune --factory smollm2_135m trainer.max_steps=5 --yes    # same, via `nemo`
+    nemo automodel plan smollm2_135m --gpus 8 --gpu-memory 80GiB --seq 4096     # will it fit? (nemo_automodel.plan)
 
 ``executor=NAME`` / ``executor.KEY=V`` are accepted as aliases of NeMo-Run's ``run.executor=…``.
 Sweeps run as one experiment (sequentially; ``run.sequential=False`` for parallel) on the given
 executor, or `executors.local` if none (``--direct``: one after another in this process), and end
 with a table of final metrics (also written to ``run.summary=PATH``, default
 ``<log_dir>/<experiment id>_summary.md``). ``--dryrun`` lists the tasks (and prints each
-executor request, e.g. the sbatch script). ``--detach`` returns once Slurm jobs are submitted.
+executor request, e.g. the sbatch script) and a single task's memory plan (``nemo_automodel.plan``).
+``--detach`` returns once Slurm jobs are submitted.
 Exit codes: 0 success, 1 a job failed (its log tail is printed), 2 bad input (one line on stderr).
 """
 
@@ -26,8 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import catalogue
 import nemo_run as run
-from nemo_run.cli.api import RunContext, _parse_prefixed_args, _serialize_configuration
+import typer
+from nemo_run.cli.api import (
+    ROOT_ENTRYPOINT_NAMESPACE,
+    RunContext,
+    _parse_prefixed_args,
+    _serialize_configuration,
+)
 
 import executors
 import recipes
@@ -146,11 +155,49 @@ class AutoModelRunContext(RunContext):
             print(sweep.summary_table([{"task": n, **c, "run_dir": str(run_dir_of(t))} for n, t, c in tasks]))
         else:
             run.dryrun_fn(tasks[0][1], executor=self.executor)
+            print(_dryrun_plan(tasks[0][1]))
         if self.executor is not None:
             exp = Experiment(self.name, executor=self.executor)
             for name, task, combo in tasks:
                 exp.add(task, name=name if is_sweep else self.name, combo=combo)
             exp.dryrun()
+
+
+def _dryrun_plan(task: run.Partial) -> str:
+    """The memory plan of a task, or one line saying why it is not estimated (the dryrun never fails on it)."""
+    from nemo_automodel.launch.plan_recipe import plan_recipe
+
+    try:
+        return str(plan_recipe(task, build_nodes=False))
+    except ConfigError as err:
+        return f"memory plan: not estimated ({root_cause(err)})"
+    except Exception as err:  # a planner failure must not fail the dryrun
+        return f"memory plan: not estimated ({type(err).__name__}: {root_cause(err)})"
+
+
+def plan_target(target: str) -> run.Partial:
+    """The recipe a planner target names: a registered factory (finetune's, then pretrain's), else
+    the ``hf_auto_model_for_causal_lm`` finetune recipe for a model id or folder."""
+    for fn in (api.finetune, api.pretrain):
+        if target in factory_names(fn):
+            return run.cli.resolve_factory(fn, target)()
+    return run.cli.resolve_factory(api.finetune, "hf_auto_model_for_causal_lm")(model_id=target)
+
+
+class PlanCommand:
+    """``nemo automodel plan …``: NeMo-Run adds every entry of its entrypoint catalogue that has a
+    ``cli(typer)`` method to the ``nemo`` command; this one runs the memory planner's command line."""
+
+    path = f"{NAMESPACE}.plan"
+
+    def cli(self, parent: typer.Typer) -> None:
+        @parent.command("plan", help="Will a fine-tuning job fit in GPU memory, and what to change (see --help).",
+                        add_help_option=False,
+                        context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+        def plan(ctx: typer.Context) -> None:
+            from nemo_automodel.launch.plan_cli import main as plan_main
+
+            raise SystemExit(plan_main(list(ctx.args), resolve=plan_target))
 
 
 # -- entry points -------------------------------------------------------------------------------------
@@ -164,6 +211,7 @@ def register_recipes() -> None:
 register_recipes()
 for _fn in (api.finetune, api.pretrain):
     run.cli.entrypoint(_fn, namespace=NAMESPACE, run_ctx_cls=AutoModelRunContext)
+catalogue._set((ROOT_ENTRYPOINT_NAMESPACE, NAMESPACE, "plan"), PlanCommand())
 
 
 def main(factory: Callable[..., run.Partial], target: Callable = api.finetune) -> None:

@@ -31,7 +31,7 @@ def auto_chunk_size(vocab: int) -> int:
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: the memory planner's rehearsal
         return torch.get_autocast_dtype(device_type)
     return dtype
 

@@ -180,7 +180,7 @@ class HFAutoModelForCausalLM:
     def check(self, peft, strategy) -> None:
         """Refuse, in one line before anything loads, what this model cannot train (a 4-bit base
         without ``peft``, or sharded by FSDP2)."""
-        check_trainable(self.quantization, peft, strategy)
+        check_trainable(self.quantization, peft, strategy.name)
 
     def apply_peft(self, peft) -> torch.nn.Module:
         """Add ``peft``'s adapters (a ``contracts.PeftMethod``) to the loaded model; returns it."""

@@ -28,11 +28,12 @@ COMPUTE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float1
 EXPECTED = "use 'nf4', 'fp4', a dict of BitsAndBytesConfig 4-bit arguments, or None"
 
 
-def resolve_quantization(value: Any) -> dict[str, Any] | None:
+def resolve_quantization(value: Any, require_installed: bool = True) -> dict[str, Any] | None:
     """``quantization=`` as complete BitsAndBytesConfig keyword arguments of plain values, or None.
 
-    Checks the value without importing anything heavy, then that bitsandbytes is installed: each
-    problem is a one-line ConfigError before any weights load.
+    Checks the value without importing anything heavy, then (``require_installed``; the memory
+    planner needs no bitsandbytes) that bitsandbytes is installed: each problem is a one-line
+    ConfigError before any weights load.
     """
     if value is None:
         return None
@@ -57,7 +58,8 @@ def resolve_quantization(value: Any) -> dict[str, Any] | None:
     kwargs["bnb_4bit_compute_dtype"] = COMPUTE_DTYPES[compute]
     if not isinstance(kwargs.get("bnb_4bit_use_double_quant", False), bool):
         raise bad_value("quantization", given, "bnb_4bit_use_double_quant must be True or False")
-    require_bitsandbytes()
+    if require_installed:
+        require_bitsandbytes()
     return kwargs
 
 
@@ -126,15 +128,15 @@ def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
     return after_load(model)
 
 
-def check_trainable(quantization: dict[str, Any] | None, peft: Any, strategy: Any) -> None:
-    """Refuse, in one line and before anything loads, what a 4-bit base cannot train."""
+def check_trainable(quantization: dict[str, Any] | None, peft: Any, strategy: str) -> None:
+    """Refuse, in one line and before anything loads, what a 4-bit base cannot train (``strategy``: its name)."""
     if quantization is None:
         return
     kind = quantization["bnb_4bit_quant_type"]
     if peft is None:
         raise ConfigError(f"quantization={kind!r} needs peft (LoRA): full fine-tuning cannot update a frozen "
                           "4-bit base; pass peft=LoRA(...) or drop quantization")
-    if strategy.name == "fsdp2":
+    if strategy == "fsdp2":
         raise ConfigError(f"quantization={kind!r} cannot be sharded by strategy='fsdp2' (bitsandbytes' Params4bit "
                           "keeps its quantization state outside the tensor FSDP2 shards): use strategy='ddp' "
                           "or one device")

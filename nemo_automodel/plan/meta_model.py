@@ -1,0 +1,140 @@
+"""The model on the meta device, built from its Hugging Face config alone: no weight is read.
+
+``load_config`` reads ``config.json`` from a local folder or the local Hugging Face cache (never
+the network); ``build_meta_model`` builds the causal LM on the meta device, optionally with fewer
+decoder layers, then applies activation checkpointing and the PEFT method exactly as
+``HFAutoModelForCausalLM`` does; ``parameters_of`` lists what the parameters are.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_automodel.errors import ConfigError, first_line
+from nemo_automodel.models.layers import decoder_layers, enable_activation_checkpointing
+
+
+def load_config(model: Any, trust_remote_code: bool = False):
+    """The ``transformers`` config of ``model`` (a config, a local folder, or a cached Hub id), offline."""
+    import transformers
+
+    if isinstance(model, transformers.PretrainedConfig):
+        return model
+    name = str(model)
+    folder = Path(name).expanduser()
+    looks_local = name.startswith(("/", "./", "../", "~")) or folder.exists()
+    if looks_local and not (folder / "config.json").is_file():
+        raise ConfigError(f"model {name!r} is not a model folder (no config.json there): pass a folder with a "
+                          "config.json, a cached Hugging Face model id or a recipe name")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder) if looks_local else name, local_files_only=True,
+                                                       trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if looks_local:
+            raise ConfigError(f"model {name!r}: config.json could not be read ({first_line(err)})") from None
+        raise ConfigError(f"model {name!r} is not a local folder and not in the local Hugging Face cache (the planner "
+                          "never downloads): pass a model folder, or fetch the config first, e.g. "
+                          f"`huggingface-cli download {name} config.json`") from None
+
+
+def architecture(config) -> str:
+    """The model class named by the config (``LlamaForCausalLM``), else its model type."""
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
+
+
+@dataclass
+class MetaModel:
+    """A meta-device causal LM ready for a training step (adapters and checkpointing applied)."""
+
+    module: torch.nn.Module
+    blocks: list[torch.nn.Module]
+    config: Any
+
+
+def _truncated(config, layers: int | None):
+    if layers is None or layers >= config.num_hidden_layers:
+        return config
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def build_meta_model(config, dtype: torch.dtype, peft: Any = None, activation_checkpointing: bool = False,
+                     layers: int | None = None, trust_remote_code: bool = False) -> MetaModel:
+    """Build ``config``'s causal LM on the meta device in ``dtype``, with ``layers`` decoder layers
+    (default: all), then checkpointing and ``peft.apply`` as the real model gets them."""
+    import transformers
+
+    config = _truncated(config, layers)
+    try:
+        with torch.device("meta"):
+            module = transformers.AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ConfigError(f"cannot estimate the memory of {architecture(config)}: transformers cannot build it as a "
+                          f"causal LM with sdpa attention ({first_line(err)})") from None
+    module.config.use_cache = False
+    module.train()
+    if activation_checkpointing:
+        enable_activation_checkpointing(module)
+    if peft is not None:
+        with torch.device("meta"), warnings.catch_warnings():  # adapters are created (and initialised) on meta
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes, seen by peft
+            module = peft.apply(module)
+        module.train()
+    return MetaModel(module, decoder_layers(module), config)
+
+
+def repeats_identically(model: MetaModel) -> bool:
+    """Whether every decoder layer has the same class, parameters and layer type (then a few layers
+    tell the memory of all of them)."""
+    def signature(block: torch.nn.Module) -> tuple:
+        return type(block).__name__, tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
+
+    types = getattr(model.config, "layer_types", None)
+    return (len(model.blocks) > 0 and len({signature(b) for b in model.blocks}) == 1
+            and (not isinstance(types, list) or len(set(types)) <= 1))
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter: its size, dtype, whether it trains, its decoder layer (None outside the
+    layers) and whether a 4-bit base would quantize it (a frozen linear weight other than the
+    output layer)."""
+
+    numel: int
+    dtype: torch.dtype
+    trainable: bool
+    block: int | None
+    quantizable: bool
+
+
+def parameters_of(model: MetaModel, total_layers: int | None = None) -> list[ParamInfo]:
+    """The parameters of ``model``; with ``total_layers`` above the layers built, the last layer's
+    parameters stand for the missing ones (layers that repeat identically)."""
+    module = model.module
+    head = module.get_output_embeddings()
+    linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    block_of = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
+    seen: set[int] = set()
+    infos = []
+    for p in module.parameters():  # shared (tied) parameters once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        infos.append(ParamInfo(p.numel(), p.dtype, p.requires_grad, block_of.get(id(p)),
+                               id(p) in linear_weights and not p.requires_grad))
+    built = len(model.blocks)
+    if total_layers and total_layers > built and built:
+        last = [i for i in infos if i.block == built - 1]
+        for extra in range(built, total_layers):
+            infos += [ParamInfo(i.numel, i.dtype, i.trainable, extra, i.quantizable) for i in last]
+    return infos

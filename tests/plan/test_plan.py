@@ -1,0 +1,306 @@
+"""The memory planner's arithmetic, its entry points and its one-line errors (fast: meta device only).
+
+The measured accuracy against real training steps is in ``test_plan_vs_measured.py`` (slow).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from nemo_automodel.errors import ConfigError
+from nemo_automodel.peft import LoRA
+from nemo_automodel.plan import Job, accounting, estimate, parse_memory, plan
+from nemo_automodel.plan.accounting import ACTIVATION_ROW, GRADIENTS, LOGITS_ROW, OPTIMIZER, WEIGHTS
+from nemo_automodel.plan.recommend import recommend
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 1 << 30
+
+
+def tiny(layers: int = 2, vocab: int = 1024, **kw) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **kw)
+
+
+def lora() -> LoRA:
+    return LoRA(target_modules=["*_proj"], dim=8)
+
+
+def n_params(cfg) -> int:
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(cfg).parameters())
+
+
+def decoder_linear_params(cfg) -> int:
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    return layers * (h * h * 2 + h * kv * 2 + 3 * h * i)
+
+
+def adapter_params(cfg, r: int = 8) -> int:
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    return layers * sum(r * (a + b) for a, b in shapes)
+
+
+# -- sizes and units ------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("80 GB", 80 * 10**9), ("141G", 141 * 10**9),
+                                            ("512MiB", 512 << 20), ("80", 80 * GIB), ("1.5TiB", int(1.5 * 2**40))])
+def test_gpu_memory_sizes(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80XB", "GiB", "-1GiB", "0GiB", "eighty", "80 GiB extra"])
+def test_bad_gpu_memory_is_one_line(text):
+    with pytest.raises(ConfigError, match="gpu-memory") as err:
+        parse_memory(text)
+    assert "\n" not in str(err.value)
+
+
+# -- the arithmetic -------------------------------------------------------------------------------
+def test_fsdp2_over_8_gpus_divides_weights_gradients_and_optimizer_state():
+    cfg = tiny()
+    single = estimate(Job(cfg, seq_length=256))
+    fsdp = estimate(Job(cfg, seq_length=256, devices=8, strategy="fsdp2"))
+    for part in (WEIGHTS, GRADIENTS, OPTIMIZER):
+        assert fsdp.sizes[part] == pytest.approx(single.sizes[part] / 8)
+    # what FSDP2 gathers whole (root module, two layers, a layer's gradients) is in the weights row
+    assert fsdp.components[WEIGHTS] > fsdp.sizes[WEIGHTS]
+    ddp = estimate(Job(cfg, seq_length=256, devices=8, strategy="ddp"))
+    assert ddp.sizes == single.sizes  # a full replica per GPU, plus its gradient buckets
+    assert ddp.components[GRADIENTS] >= single.sizes[GRADIENTS]
+
+
+def test_full_fine_tuning_states_are_two_adam_moments_per_parameter():
+    cfg = tiny()
+    est = estimate(Job(cfg, seq_length=128))
+    n = n_params(cfg)
+    assert est.params == est.trainable == n
+    assert est.sizes == {WEIGHTS: 4 * n, GRADIENTS: 4 * n, OPTIMIZER: 8 * n}
+    true = estimate(Job(cfg, seq_length=128, precision="bf16-true"))  # bf16 weights, gradients and AdamW state
+    assert true.sizes == {WEIGHTS: 2 * n, GRADIENTS: 2 * n, OPTIMIZER: 4 * n}
+
+
+def test_lora_has_no_base_gradients_and_keeps_adapters_fp32():
+    cfg = tiny()
+    n, a = n_params(cfg), adapter_params(cfg)
+    est = estimate(Job(cfg, peft=lora(), seq_length=128))
+    assert (est.params, est.trainable) == (n, a)
+    assert est.sizes == {WEIGHTS: 4 * (n + a), GRADIENTS: 4 * a, OPTIMIZER: 8 * a}
+    true = estimate(Job(cfg, peft=lora(), seq_length=128, precision="bf16-true"))  # bf16 base, fp32 adapters
+    assert true.sizes == {WEIGHTS: 2 * n + 4 * a, GRADIENTS: 4 * a, OPTIMIZER: 8 * a}
+
+
+def test_qlora_weights_are_about_4_5_bits_per_quantized_weight():
+    cfg = tiny()
+    n, a, q = n_params(cfg), adapter_params(cfg), decoder_linear_params(cfg)
+    for precision, other in (("bf16-true", 2), ("32", 4)):  # embeddings, norms, output layer: the weight dtype
+        est = estimate(Job(cfg, peft=lora(), quantization="nf4", precision=precision, seq_length=128))
+        assert est.sizes[WEIGHTS] == pytest.approx(q * 4.5 / 8 + (n - q) * other + 4 * a)
+        assert est.sizes[OPTIMIZER] == 8 * a
+    double = estimate(Job(cfg, peft=lora(), quantization={"bnb_4bit_use_double_quant": True}, seq_length=128,
+                          precision="bf16-true"))
+    assert double.sizes[WEIGHTS] == pytest.approx(q * (4 + 8 / 64 + 32 / 64 / 256) / 8 + (n - q) * 2 + 4 * a)
+
+
+def test_qlora_activations_are_those_of_a_bf16_base():
+    """bitsandbytes' 4-bit matmul keeps no activation for backward, like a frozen bf16 linear layer."""
+    cfg = tiny(layers=4)
+    bf16 = estimate(Job(cfg, peft=lora(), precision="bf16-true", seq_length=1024, chunked_loss=True))
+    qlora = estimate(Job(cfg, peft=lora(), precision="bf16-true", quantization="nf4", seq_length=1024,
+                         chunked_loss=True))
+    assert qlora.components[ACTIVATION_ROW] == pytest.approx(bf16.components[ACTIVATION_ROW], rel=0.05)
+
+
+def test_the_chunked_loss_removes_the_logits_term():
+    from nemo_automodel.models.chunked_ce import auto_chunk_size
+
+    cfg = tiny(vocab=8192)
+    tokens_x_vocab = 8192 * 8192 * 4  # fp32 [tokens, vocab]
+    plain = estimate(Job(cfg, seq_length=8192, device="cpu"))
+    chunked = estimate(Job(cfg, seq_length=8192, device="cpu", chunked_loss=True))
+    assert plain.components[LOGITS_ROW] >= 3 * tokens_x_vocab  # logits, log-softmax, and their gradients
+    # a chunk's logits (the next one is allocated before the last is dropped), and small per-token tensors
+    assert chunked.components[LOGITS_ROW] < 2.5 * auto_chunk_size(8192) * 8192 * 4 < 0.2 * tokens_x_vocab
+
+
+def test_activation_checkpointing_keeps_about_one_input_per_layer():
+    cfg = tiny(layers=8)
+    off = estimate(Job(cfg, seq_length=2048, chunked_loss=True))
+    on = estimate(Job(cfg, seq_length=2048, chunked_loss=True, activation_checkpointing=True))
+    layer_input = 2048 * cfg.hidden_size * 4
+    assert on.components[ACTIVATION_ROW] < off.components[ACTIVATION_ROW] / 3
+    assert on.components[ACTIVATION_ROW] > cfg.num_hidden_layers * layer_input
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(peft="lora", activation_checkpointing=True),
+                                      dict(peft="lora", chunked_loss=True, precision="bf16-mixed"),
+                                      dict(packed=True, device="cpu", precision="bf16-true"),
+                                      dict(devices=4, strategy="fsdp2", precision="bf16-mixed")])
+def test_three_rehearsed_layers_extended_equal_rehearsing_all(monkeypatch, settings):
+    """Identical layers: the timeline of 3 rehearsed layers, extended to 10, is the one of all 10."""
+    settings = dict(settings)
+    peft = lora() if settings.pop("peft", None) else None
+    job = Job(tiny(layers=10), peft=peft, seq_length=512, micro_batch_size=2, **settings)
+    extended = estimate(job)
+    monkeypatch.setattr(accounting, "REHEARSED_LAYERS", 100)
+    monkeypatch.setattr(accounting, "_CACHE", {})
+    full = estimate(job)
+    assert extended.phase == full.phase
+    assert extended.components == pytest.approx(full.components, rel=1e-9)
+
+
+def _plan_table_configs():
+    spec = importlib.util.spec_from_file_location("plan_table", ROOT / "benchmarks" / "plan_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.configs()
+
+
+def test_published_parameter_counts_of_the_readme_models():
+    for name, (config, published) in _plan_table_configs().items():
+        est = estimate(Job(config, peft=lora(), precision="bf16-true", seq_length=64))
+        assert est.params == published, name
+
+
+# -- recommendations ------------------------------------------------------------------------------
+def test_the_cheapest_change_that_fits_is_recommended():
+    job = Job(tiny(vocab=8192), seq_length=2048, device="cpu")
+    with_chunked = estimate(job.replace(chunked_loss=True)).total
+    advice = recommend(job, with_chunked + (1 << 20))
+    assert [c.override for c in advice.changes] == ["model.chunked_loss=True"]
+    result = plan(job, with_chunked + (1 << 20))
+    assert result.fits is False and "model.chunked_loss=True" in str(result)
+
+
+def test_nothing_fits_says_why_and_how_many_gpus():
+    result = plan(Job(tiny(), seq_length=256), "1MiB")
+    assert result.fits is False and result.advice.result is None
+    assert "> 0.0 GiB per GPU" in result.advice.reason or "GPUs with FSDP2" in result.advice.reason
+    big = plan(Job(_plan_table_configs()["Llama-3-70B"][0], seq_length=4096, precision="bf16-mixed"), "80GiB")
+    assert "the bf16 weights alone are 131.4 GiB > 80.0 GiB per GPU" in big.advice.reason
+    assert "use >= 9 GPUs with FSDP2" in big.advice.reason
+
+
+# -- bad input: one line each ---------------------------------------------------------------------
+@pytest.mark.parametrize("make, match", [
+    (lambda: transformers.MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4),
+     "cannot estimate the memory of MixtralForCausalLM: its training step does not run on the meta device"),
+    (lambda: transformers.T5Config(), "cannot estimate the memory of t5: transformers cannot build it as a causal LM"),
+])
+def test_an_architecture_it_cannot_estimate_is_named_in_one_line(make, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        estimate(Job(make(), seq_length=64))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(quantization="nf4"), "quantization='nf4' needs peft"),
+    (dict(quantization="nf4", peft=LoRA(), devices=2, strategy="fsdp2"), "cannot be sharded by strategy='fsdp2'"),
+    (dict(quantization="int3", peft=LoRA()), "quantization='int3' is invalid"),
+    (dict(tensor_parallel=2), "tensor_parallel=2 is invalid"),
+    (dict(precision="fp8"), "precision='fp8' is invalid"),
+    (dict(strategy="zero3"), "strategy='zero3' is invalid"),
+    (dict(devices=2, strategy="single"), "strategy='single' cannot train on 2 devices"),
+    (dict(micro_batch_size=0), "micro_batch_size=0 is invalid"),
+    (dict(model="org/not-in-the-cache"), "not in the local Hugging Face cache"),
+    (dict(model="/nonexistent/folder"), "is not a model folder"),
+])
+def test_bad_jobs_are_one_line(kwargs, match):
+    kwargs = {"model": tiny(), **kwargs}
+    with pytest.raises(ConfigError, match=match) as err:
+        estimate(Job(**kwargs))
+    assert "\n" not in str(err.value)
+
+
+# -- the entry points -----------------------------------------------------------------------------
+@pytest.fixture()
+def model_dir(tmp_path) -> Path:
+    tiny(layers=4, vocab=4096, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    from nemo_automodel.launch.plan_cli import main
+    from recipes.cli import plan_target
+
+    code = main(list(args), resolve=plan_target)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_command_plans_a_model_folder(capsys, model_dir):
+    code, out, err = _cli(capsys, str(model_dir), "--gpus", "2", "--gpu-memory", "80GiB", "--seq", "1024",
+                          "trainer.precision=bf16-true", "data.micro_batch_size=1")
+    assert code == 0, err
+    assert "LlamaForCausalLM" in out and "LoRA" in out and "bf16-true" in out and "DDP over 2 GPUs" in out
+    assert "micro batch 1 x 1024 tokens" in out and "verdict: fits in 80.0 GiB per GPU" in out
+    for part in ("weights", "gradients", "optimizer state", "activations", "logits + loss", "peak"):
+        assert part in out
+    code, out, err = _cli(capsys, str(model_dir), "--gpu-memory", "64MiB", "peft=None")
+    assert code == 1 and "does not fit in 0.1 GiB per GPU" in out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--gpu-memory", "80XB"], "error: --gpu-memory='80XB' is invalid"),
+    (["--gpus", "0"], "error: --gpus=0 is invalid"),
+    (["--seq", "x"], "error: argument --seq: invalid int value"),
+    (["bogus"], "error: 'bogus' is not an option or a key=value override"),
+    (["model.not_an_arg=1"], "error: override model.not_an_arg"),
+    (["--frobnicate"], "error: unrecognized arguments: --frobnicate"),
+])
+def test_command_bad_input_exits_2_with_one_line(capsys, model_dir, args, match):
+    code, out, err = _cli(capsys, str(model_dir), *args)
+    assert code == 2 and err.startswith(match) and err.count("\n") == 1, err
+
+
+def test_command_with_an_uncached_model_id_exits_2(capsys):
+    code, out, err = _cli(capsys, "org/not-in-the-cache", "--gpu-memory", "80GiB")
+    assert code == 2 and "not in the local Hugging Face cache" in err and err.count("\n") == 1
+
+
+def test_plan_recipe_reads_the_graph(model_dir):
+    from nemo_automodel.launch.plan_recipe import job_from_recipe, plan_recipe
+    from recipes import hf_auto_model_for_causal_lm as hf_recipe
+
+    recipe = hf_recipe.finetune_recipe(str(model_dir), precision="bf16-true", micro_batch_size=2, seq_length=256,
+                                       num_gpus_per_node=4, strategy="fsdp2", global_batch_size=16)
+    recipe.data.packed_sequence_size = 512
+    job = job_from_recipe(recipe)
+    assert (job.precision, job.devices, job.strategy, job.micro_batch_size, job.accumulate) == \
+        ("bf16-true", 4, "fsdp2", 2, 2)
+    assert job.seq_length == 512 and job.packed and isinstance(job.peft, LoRA)
+    result = plan_recipe(recipe, gpus=8, gpu_memory="80GiB", seq=1024)
+    assert result.estimate.job.devices == 8 and result.estimate.job.seq_length == 1024 and result.fits
+
+
+def test_plan_recipe_refuses_the_megatron_path(model_dir):
+    pytest.importorskip("megatron.core")
+    from nemo_automodel.launch.plan_recipe import plan_recipe
+    from recipes import hf_auto_model_for_causal_lm as hf_recipe
+
+    with pytest.raises(ConfigError, match="model=MegatronGPTModel: .* Megatron path is not estimated"):
+        plan_recipe(hf_recipe.megatron_finetune_recipe(str(model_dir)))
+
+
+def test_the_recipe_dryrun_prints_the_plan(monkeypatch, capsys, tmp_path, model_dir):
+    from nemo_run.config import set_nemorun_home
+
+    from recipes import hf_auto_model_for_causal_lm as hf_recipe
+    from recipes.cli import main
+
+    set_nemorun_home(str(tmp_path / "nemorun"))
+    for model_id, expected in ((str(model_dir), "memory plan: LlamaForCausalLM"),
+                               ("/models/x", "memory plan: not estimated (model '/models/x' is not a model folder")):
+        monkeypatch.setattr(sys, "argv", ["hf_auto_model_for_causal_lm.py", f"model.model_id={model_id}", "--dryrun"])
+        main(hf_recipe.finetune_recipe)
+        assert expected in capsys.readouterr().out
