@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from nemo_automodel.models.hf_causal_lm import HFAutoModelForCausalLM
@@ -9,12 +11,26 @@ from nemo_automodel.trainer import AutoResume, NeMoLogger, Trainer
 
 
 def finetune(model: HFAutoModelForCausalLM, data, trainer: Trainer, peft=None, optim=None,
-             log: NeMoLogger | None = None, resume: AutoResume | None = None) -> Path:
+             log: NeMoLogger | None = None, resume: AutoResume | None = None, preflight: bool = False) -> Path:
     """Fine-tune ``model`` on ``data``: LoRA when ``peft`` is given, full SFT when it is None.
 
-    Returns the run directory (checkpoints/, metrics.jsonl, tensorboard/, loss.png).
+    ``preflight=True`` first checks the data with the tokenizer alone (``nemo_automodel.data.preflight``):
+    rank 0 prints the summary, and a reply that cannot teach the model to stop fails the run before any
+    weights load. Returns the run directory (checkpoints/, metrics.jsonl, tensorboard/, loss.png).
     """
+    if preflight:
+        run_preflight(model, data, trainer)
     return trainer.fit(model, data, peft=peft, optim=optim, log=log, resume=resume)
+
+
+def run_preflight(model, data, trainer: Trainer) -> None:
+    """The data preflight of a job on every rank (the formatted data is reused by training); rank 0 prints it."""
+    from nemo_automodel.data.preflight import preflight
+
+    report = preflight(data, model.tokenizer, dp_size=trainer.devices * trainer.num_nodes)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report.render(color=sys.stdout.isatty()), flush=True)
+    report.raise_for_problems()
 
 
 def pretrain(model: HFAutoModelForCausalLM, data, trainer: Trainer, optim=None,

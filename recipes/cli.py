@@ -7,6 +7,7 @@
     python recipes/smollm2_135m.py optim.optimizer_fn.lr=[1e-4,3e-4] peft.dim=[8,16] --yes  # 4 runs
     nemo automodel finetune --factory smollm2_135m trainer.max_steps=5 --yes    # same, via `nemo`
     nemo automodel plan smollm2_135m --gpus 8 --gpu-memory 80GiB --seq 4096     # will it fit? (nemo_automodel.plan)
+    nemo automodel preflight smollm2_135m data.seq_length=512 --html data.html   # what will it train on?
 
 ``executor=NAME`` / ``executor.KEY=V`` are accepted as aliases of NeMo-Run's ``run.executor=…``.
 Sweeps run as one experiment (sequentially; ``run.sequential=False`` for parallel) on the given
@@ -176,7 +177,7 @@ def _dryrun_plan(task: run.Partial) -> str:
 
 
 def plan_target(target: str) -> run.Partial:
-    """The recipe a planner target names: a registered factory (finetune's, then pretrain's), else
+    """The recipe a planner or preflight target names: a registered factory (finetune's, then pretrain's), else
     the ``hf_auto_model_for_causal_lm`` finetune recipe for a model id or folder."""
     for fn in (api.finetune, api.pretrain):
         if target in factory_names(fn):
@@ -184,20 +185,28 @@ def plan_target(target: str) -> run.Partial:
     return run.cli.resolve_factory(api.finetune, "hf_auto_model_for_causal_lm")(model_id=target)
 
 
-class PlanCommand:
-    """``nemo automodel plan …``: NeMo-Run adds every entry of its entrypoint catalogue that has a
-    ``cli(typer)`` method to the ``nemo`` command; this one runs the memory planner's command line."""
+class RecipeCommand:
+    """A ``nemo automodel NAME …`` command on a recipe: NeMo-Run adds every entry of its entrypoint
+    catalogue that has a ``cli(typer)`` method to the ``nemo`` command; ``main(argv, resolve)`` is
+    the command's own parser (``plan``: the memory planner, ``preflight``: the data preflight)."""
 
-    path = f"{NAMESPACE}.plan"
+    def __init__(self, name: str, help: str, module: str) -> None:
+        self.name, self.help, self.module = name, help, module
+        self.path = f"{NAMESPACE}.{name}"
 
     def cli(self, parent: typer.Typer) -> None:
-        @parent.command("plan", help="Will a fine-tuning job fit in GPU memory, and what to change (see --help).",
-                        add_help_option=False,
+        @parent.command(self.name, help=self.help, add_help_option=False,
                         context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-        def plan(ctx: typer.Context) -> None:
-            from nemo_automodel.launch.plan_cli import main as plan_main
+        def command(ctx: typer.Context) -> None:
+            raise SystemExit(importlib.import_module(self.module).main(list(ctx.args), resolve=plan_target))
 
-            raise SystemExit(plan_main(list(ctx.args), resolve=plan_target))
+
+COMMANDS = (
+    RecipeCommand("plan", "Will a fine-tuning job fit in GPU memory, and what to change (see --help).",
+                  "nemo_automodel.launch.plan_cli"),
+    RecipeCommand("preflight", "What will a job train on? The data checked with the tokenizer alone (see --help).",
+                  "nemo_automodel.launch.preflight_cli"),
+)
 
 
 # -- entry points -------------------------------------------------------------------------------------
@@ -211,7 +220,8 @@ def register_recipes() -> None:
 register_recipes()
 for _fn in (api.finetune, api.pretrain):
     run.cli.entrypoint(_fn, namespace=NAMESPACE, run_ctx_cls=AutoModelRunContext)
-catalogue._set((ROOT_ENTRYPOINT_NAMESPACE, NAMESPACE, "plan"), PlanCommand())
+for _command in COMMANDS:
+    catalogue._set((ROOT_ENTRYPOINT_NAMESPACE, NAMESPACE, _command.name), _command)
 
 
 def main(factory: Callable[..., run.Partial], target: Callable = api.finetune) -> None:

@@ -63,8 +63,10 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", datas
                     formatting: str | None = "squad", peft_scheme: str | None = "lora", dir: str = "nemo_experiments",
                     name: str = "finetune", num_nodes: int = 1, num_gpus_per_node: int = 1, max_steps: int = 100,
                     lr: float | None = None, seq_length: int = 512, micro_batch_size: int = 4,
-                    global_batch_size: int = 8, strategy: str | None = None, precision: str = "32") -> run.Partial:
-    """LoRA (``peft_scheme='lora'``) or full SFT (``None``) of ``model_id`` on ``dataset``."""
+                    global_batch_size: int = 8, strategy: str | None = None, precision: str = "32",
+                    preflight: bool = False) -> run.Partial:
+    """LoRA (``peft_scheme='lora'``) or full SFT (``None``) of ``model_id`` on ``dataset``; ``preflight=True``
+    checks and prints what the data trains on before any weights load (``nemo_automodel.data.preflight``)."""
     if peft_scheme not in ("lora", None, "none"):
         raise ValueError(f"peft_scheme={peft_scheme!r} is invalid: use 'lora' or None")
     use_lora = peft_scheme == "lora"
@@ -77,6 +79,7 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", datas
         trainer=trainer(max_steps, num_nodes, num_gpus_per_node, strategy, precision),
         log=logger(dir, name),
         resume=run.Config(AutoResume, resume_if_exists=True),
+        preflight=preflight,
     )
 
 

@@ -17,11 +17,13 @@ from recipes import hf_auto_model_for_causal_lm as base
 def finetune_recipe(dir: str = "runs", name: str = "smollm2-lora", peft_scheme: str | None = "lora",
                     max_steps: int = 30, samples: int | None = 800, lr: float | None = None,
                     seq_length: int = 256, micro_batch_size: int = 8, global_batch_size: int = 8,
-                    precision: str = "bf16-mixed", packed_sequence_size: int = 256) -> run.Partial:
-    """LoRA (or full SFT with ``peft_scheme=None``) on chatterbot + HumanEval chats, loss on replies."""
+                    precision: str = "bf16-mixed", packed_sequence_size: int = 256,
+                    preflight: bool = True) -> run.Partial:
+    """LoRA (or full SFT with ``peft_scheme=None``) on chatterbot + HumanEval chats, loss on replies; the data
+    preflight's summary prints before training."""
     recipe = base.finetune_recipe(run.Config(assets.smollm2_hf_dir), peft_scheme=peft_scheme, dir=dir, name=name,
                                   max_steps=max_steps, lr=lr or (1e-3 if peft_scheme == "lora" else 5e-5),
-                                  precision=precision)
+                                  precision=precision, preflight=preflight)
     recipe.data = base.data(run.Config(assets.demo_chat_dataset, limit=samples), "chat", seq_length,
                             micro_batch_size, global_batch_size, packed_sequence_size=packed_sequence_size)
     return recipe

@@ -10,6 +10,7 @@ from nemo_automodel.data.datamodule import ChatHFDataModule, HFDatasetDataModule
 from nemo_automodel.data.formatting import FORMATTINGS, chat_tokens
 from nemo_automodel.data.loading import SPLIT_ALIASES
 from nemo_automodel.data.packing import first_fit_decreasing, pack_sequences, packed_position_ids
+from nemo_automodel.data.preflight import PreflightReport, preflight
 from nemo_automodel.data.rows import Rows, SampleStore
 from nemo_automodel.data.sampler import MicroBatchSampler, epoch_order, rank_batches
 
@@ -20,6 +21,7 @@ __all__ = [
     "ChatHFDataModule",
     "HFDatasetDataModule",
     "MicroBatchSampler",
+    "PreflightReport",
     "Rows",
     "SampleStore",
     "SquadHFDataModule",
@@ -29,5 +31,6 @@ __all__ = [
     "first_fit_decreasing",
     "pack_sequences",
     "packed_position_ids",
+    "preflight",
     "rank_batches",
 ]

@@ -17,7 +17,7 @@ import torch
 from nemo_automodel.data.collate import collate
 from nemo_automodel.data.formatting import Formatting, check_columns, check_formatting, make_formatter
 from nemo_automodel.data.loading import check_local_source, load_split, open_local, parse_split
-from nemo_automodel.data.rows import Rows, SampleStore
+from nemo_automodel.data.rows import Rows, SampleStore, SplitAudit
 from nemo_automodel.data.sampler import MicroBatchSampler, rank_batches
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 
@@ -40,6 +40,8 @@ def _features() -> datasets.Features:
         "labels": datasets.Sequence(datasets.Value("int64")),
         "loss_mask": datasets.Sequence(datasets.Value("float32")),
         "prompt_len": datasets.Value("int64"),
+        "full_len": datasets.Value("int64"),
+        "replies": datasets.Value("int64"),
     })
 
 
@@ -97,6 +99,7 @@ class HFDatasetDataModule:
         self._cache_key: tuple | None = None
         self._train: Rows | None = None
         self._val: Rows | None = None
+        self._audits: dict[str, SplitAudit] = {}
         self._sampler: MicroBatchSampler | None = None
         self._state = {"epoch": 0, "batch_in_epoch": 0}
         self._dp_rank, self._dp_size = 0, 1
@@ -157,7 +160,10 @@ class HFDatasetDataModule:
         self._check_nonempty(ds, split, field, " after the recorded .map calls")
         check_columns(self.formatting, ds.column_names, split)
         store = SampleStore.from_dataset(self._format(ds, tokenizer, pad))
-        return Rows(self._drop_empty(store, split), self.packed_sequence_size)
+        keep = store.loss_tokens() > 0
+        self._audits[field] = audit = SplitAudit(store.full_len, store.prompt_len, store.replies, keep, self._max_len)
+        self._warn_truncated(audit, split)
+        return Rows(self._drop_empty(store, keep, split), self.packed_sequence_size)
 
     @staticmethod
     def _check_nonempty(ds: datasets.Dataset, split: str, field: str, when: str) -> None:
@@ -172,8 +178,15 @@ class HFDatasetDataModule:
                       features=_features(), num_proc=self.num_proc, keep_in_memory=True, desc="formatting",
                       new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16])
 
-    def _drop_empty(self, store: SampleStore, split: str) -> SampleStore:
-        keep = store.loss_tokens() > 0
+    def _warn_truncated(self, audit: SplitAudit, split: str) -> None:
+        cut = audit.truncated & audit.kept  # rows that lost everything are reported as dropped
+        if cut.any():
+            field = "packed_sequence_size" if self._max_len < self.seq_length else "seq_length"
+            logger.warning("split %r: %d of %d rows are longer than %s=%d and were truncated (the longest has %d "
+                           "tokens; a cut reply loses its end-of-turn token): raise %s or run the data preflight",
+                           split, int(cut.sum()), len(cut), field, self._max_len, int(audit.full_len.max()), field)
+
+    def _drop_empty(self, store: SampleStore, keep: np.ndarray, split: str) -> SampleStore:
         if keep.all():
             return store
         truncated = ~keep & (store.prompt_len >= 0)
@@ -223,6 +236,14 @@ class HFDatasetDataModule:
         """Validation rows, or None without ``val_split``."""
         self._require_setup()
         return self._val
+
+    def audit(self, which: str = "train") -> SplitAudit:
+        """Truncation and dropped rows of the ``"train"`` or ``"val"`` split (after ``setup``)."""
+        self._require_setup()
+        field = {"train": "split", "val": "val_split"}.get(which)
+        if field not in self._audits:
+            raise bad_value("audit split", which, "'train', or 'val' with a val_split")
+        return self._audits[field]
 
     @property
     def pad_id(self) -> int:

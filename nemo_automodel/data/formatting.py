@@ -1,8 +1,10 @@
 """Turn raw rows into shifted training samples: ``input_ids``, ``labels``, ``loss_mask``.
 
 A formatter works on a batch of columns (``Dataset.map(batched=True, with_indices=True)``) and
-returns, per row, the shifted and truncated sample plus ``prompt_len``: the index of the first
-counted target before truncation (-1 when the row has none), used to explain dropped rows.
+returns, per row, the shifted and truncated sample plus what the data preflight and the dropped-row
+messages read: ``prompt_len`` (the index of the first counted target before truncation, -1 when the
+row has none), ``full_len`` (positions before truncation) and ``replies`` (the replies the row
+holds, -1 when the formatting cannot tell).
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ def _name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def finish_full(full: list[int], target_mask: list[float], max_len: int) -> dict[str, Any]:
+def finish_full(full: list[int], target_mask: list[float], max_len: int, replies: int = -1) -> dict[str, Any]:
     """Shift a full token list (``input_ids=full[:-1]``, ``labels=full[1:]``) and truncate it to
     ``max_len`` positions. ``target_mask[i]`` says whether token ``full[i]`` is trained on."""
     targets = target_mask[1:]
+    n = len(full) - 1
     full = full[: max_len + 1]
     return {"input_ids": full[:-1], "labels": full[1:], "loss_mask": targets[:max_len],
-            "prompt_len": _first_nonzero(targets)}
+            "prompt_len": _first_nonzero(targets), "full_len": n, "replies": replies}
 
 
 def finish_shifted(input_ids: list[int], labels: list[int], loss_mask: list[float], max_len: int,
@@ -64,7 +67,7 @@ def finish_shifted(input_ids: list[int], labels: list[int], loss_mask: list[floa
         loss_mask = [0 if y == IGNORE_INDEX else m for y, m in zip(labels, loss_mask, strict=True)]
         labels = [pad_id if y == IGNORE_INDEX else y for y in labels]
     return {"input_ids": input_ids[:max_len], "labels": labels[:max_len], "loss_mask": loss_mask[:max_len],
-            "prompt_len": _first_nonzero(loss_mask)}
+            "prompt_len": _first_nonzero(loss_mask), "full_len": len(input_ids), "replies": -1}
 
 
 def _first_nonzero(values: list) -> int:
@@ -73,7 +76,7 @@ def _first_nonzero(values: list) -> int:
 
 
 def _collect(rows: list[dict[str, Any]]) -> dict[str, list]:
-    keys = ("input_ids", "labels", "loss_mask", "prompt_len")
+    keys = ("input_ids", "labels", "loss_mask", "prompt_len", "full_len", "replies")
     return {k: [r[k] for r in rows] for k in keys}
 
 
@@ -112,7 +115,7 @@ def squad_formatter(tokenizer: Any, max_len: int) -> BatchFn:
         rows = []
         for p, a in zip(p_ids, a_ids, strict=True):
             prompt = bos + p
-            rows.append(finish_full(prompt + a + [eos], [0] * len(prompt) + [1] * (len(a) + 1), max_len))
+            rows.append(finish_full(prompt + a + [eos], [0] * len(prompt) + [1] * (len(a) + 1), max_len, 1))
         return _collect(rows)
 
     return fmt
@@ -179,10 +182,18 @@ def chat_formatter(tokenizer: Any, max_len: int) -> BatchFn:
         rows = []
         for messages, i in zip(batch["messages"], idx, strict=True):
             full, mask = chat_tokens(list(messages), tokenizer, i)
-            rows.append(finish_full(full, mask, max_len))
+            rows.append(finish_full(full, mask, max_len, count_replies({"messages": list(messages)})))
         return _collect(rows)
 
     return fmt
+
+
+def count_replies(example: dict[str, Any]) -> int:
+    """Assistant turns of a row's ``messages`` column; -1 when the row has none to count."""
+    messages = example.get("messages")
+    if not isinstance(messages, list | tuple):
+        return -1
+    return sum(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
 
 
 def pretokenized_row(example: dict[str, Any], row: int, max_len: int, pad_id: int,
@@ -215,8 +226,10 @@ def pretokenized_formatter(max_len: int, pad_id: int) -> BatchFn:
 
     def fmt(batch: dict[str, list], idx: list[int]) -> dict[str, list]:
         keys = list(batch)
-        rows = [pretokenized_row({k: batch[k][j] for k in keys}, i, max_len, pad_id)
-                for j, i in enumerate(idx)]
+        rows = []
+        for j, i in enumerate(idx):
+            example = {k: batch[k][j] for k in keys}
+            rows.append({**pretokenized_row(example, i, max_len, pad_id), "replies": count_replies(example)})
         return _collect(rows)
 
     return fmt
@@ -229,11 +242,12 @@ def callable_formatter(fn: Callable, tokenizer: Any, max_len: int, pad_id: int) 
     def fmt(batch: dict[str, list], idx: list[int]) -> dict[str, list]:
         keys, rows = list(batch), []
         for j, i in enumerate(idx):
-            out = fn({k: batch[k][j] for k in keys}, tokenizer)
+            example = {k: batch[k][j] for k in keys}
+            out = fn(example, tokenizer)
             if not isinstance(out, dict):
                 raise ConfigError(f"{where} returned {type(out).__name__} for row {i}: return a dict "
                                   "with input_ids")
-            rows.append(pretokenized_row(out, i, max_len, pad_id, where))
+            rows.append({**pretokenized_row(out, i, max_len, pad_id, where), "replies": count_replies(example)})
         return _collect(rows)
 
     return fmt

@@ -23,10 +23,12 @@ class SampleStore:
     loss_mask: np.ndarray
     offsets: np.ndarray
     prompt_len: np.ndarray
+    full_len: np.ndarray  # positions before truncation
+    replies: np.ndarray  # replies per sample (-1: unknown)
 
     @classmethod
     def from_dataset(cls, ds: datasets.Dataset) -> SampleStore:
-        """Read the ``input_ids``/``labels``/``loss_mask``/``prompt_len`` columns of a formatted split."""
+        """Read the columns of a formatted split (see ``data/formatting.py``)."""
         import pyarrow.compute as pc
 
         table = ds.with_format("arrow")[:]
@@ -36,7 +38,7 @@ class SampleStore:
                 for k in ("input_ids", "labels", "loss_mask")}
         return cls(flat["input_ids"].astype(np.int64), flat["labels"].astype(np.int64),
                    flat["loss_mask"].astype(np.float32), np.concatenate([[0], np.cumsum(lengths)]),
-                   table.column("prompt_len").to_numpy().astype(np.int64))
+                   *(table.column(k).to_numpy().astype(np.int64) for k in ("prompt_len", "full_len", "replies")))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -56,13 +58,31 @@ class SampleStore:
         token_keep = np.repeat(keep, self.lengths)
         lengths = self.lengths[keep]
         return SampleStore(self.input_ids[token_keep], self.labels[token_keep], self.loss_mask[token_keep],
-                           np.concatenate([[0], np.cumsum(lengths)]), self.prompt_len[keep])
+                           np.concatenate([[0], np.cumsum(lengths)]), self.prompt_len[keep], self.full_len[keep],
+                           self.replies[keep])
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
         """One sample's ``input_ids``, ``labels`` and ``loss_mask``."""
         lo, hi = self.offsets[i], self.offsets[i + 1]
         return {"input_ids": self.input_ids[lo:hi], "labels": self.labels[lo:hi],
                 "loss_mask": self.loss_mask[lo:hi]}
+
+
+@dataclass
+class SplitAudit:
+    """What formatting did to a split: per formatted sample, before rows with nothing to train on
+    were dropped (``kept``), its length before truncation, its first target (-1: none) and its
+    number of replies (-1: unknown)."""
+
+    full_len: np.ndarray
+    prompt_len: np.ndarray
+    replies: np.ndarray
+    kept: np.ndarray
+    max_len: int
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return self.full_len > self.max_len
 
 
 class Rows(Sequence):

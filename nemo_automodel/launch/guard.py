@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +28,23 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_RUN_ERROR) from None
 
     return wrapper
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are ConfigErrors (one line, exit 2) instead of usage text."""
+
+    def error(self, message: str) -> None:
+        raise ConfigError(message)
+
+
+def command_main(run: Callable[[list[str]], int], argv: list[str] | None) -> int:
+    """Run a command's ``run(argv)``; bad input becomes one ``error: …`` line on stderr and exit 2."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return run(list(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, ValueError, TypeError) as err:
+        print(f"error: {first_line(err)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 def run_graph(graph) -> Any:

@@ -17,13 +17,11 @@ registered recipes, and a library module never imports ``recipes``.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
-from nemo_automodel.errors import ConfigError, first_line
+from nemo_automodel.errors import ConfigError
+from nemo_automodel.launch.guard import OneLineParser, command_main
 from nemo_automodel.launch.nemo_run_cli import apply_overrides
 from nemo_automodel.launch.plan_recipe import plan_recipe
 from nemo_automodel.plan.units import parse_memory
@@ -31,13 +29,8 @@ from nemo_automodel.plan.units import parse_memory
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        raise ConfigError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nemo automodel plan", description="Will a fine-tuning job fit in GPU memory, and what to "
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="nemo automodel plan", description="Will a fine-tuning job fit in GPU memory, and what to "
                 "change? Configs are read offline (model folders or the local Hugging Face cache).",
                 epilog="Exit codes: 0 fits, 1 does not fit, 2 bad input.")
     p.add_argument("target", help="recipe factory name, Hugging Face model id (cached) or local model folder")
@@ -69,9 +62,4 @@ def run_plan(argv: list[str], resolve: Callable[[str], Any]) -> int:
 
 def main(argv: list[str] | None, resolve: Callable[[str], Any]) -> int:
     """The command: the plan on stdout, or one ``error: …`` line on stderr and exit 2."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        return run_plan(list(sys.argv[1:] if argv is None else argv), resolve)
-    except (ConfigError, ValueError, TypeError) as err:
-        print(f"error: {first_line(err)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return command_main(lambda args: run_plan(args, resolve), argv)
