@@ -1,5 +1,5 @@
-"""``llm.peft``: LoRA and the merge helper."""
+"""``llm.peft``: LoRA, DoRA and the merge helper."""
 
-from nemo_automodel.peft import LoRA, merge_adapter
+from nemo_automodel.peft import DoRA, LoRA, merge_adapter
 
-__all__ = ["LoRA", "merge_adapter"]
+__all__ = ["DoRA", "LoRA", "merge_adapter"]

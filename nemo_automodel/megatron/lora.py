@@ -62,9 +62,10 @@ def resolve_megatron_targets(model: torch.nn.Module, target_modules: list[str], 
 
 
 class LoRAParallelLinear(torch.nn.Module):
-    """``base(x) + B(A(dropout(x))) * alpha / r`` around a Megatron Column/RowParallelLinear."""
+    """``base(x) + B(A(dropout(x))) * scaling`` around a Megatron Column/RowParallelLinear
+    (``scaling`` = alpha / r, or alpha / sqrt(r) with rsLoRA)."""
 
-    def __init__(self, base: torch.nn.Module, name: str, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: torch.nn.Module, name: str, r: int, scaling: float, dropout: float) -> None:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
@@ -72,7 +73,7 @@ class LoRAParallelLinear(torch.nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         cfg = base.config
-        self.scaling, self.dropout = alpha / r, torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+        self.scaling, self.dropout = scaling, torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
         gen = torch.Generator().manual_seed(torch.initial_seed() + zlib.crc32(name.encode()))
         kaiming = functools.partial(_kaiming_uniform, generator=gen)  # peft's A init, same on every TP rank
         if isinstance(base, RowParallelLinear):
@@ -111,12 +112,22 @@ def apply_megatron_lora(model: torch.nn.Module, peft) -> torch.nn.Module:
 
     names = resolve_megatron_targets(model, peft.target_modules, peft.exclude_modules)
     r, alpha, dropout = peft.dim, peft.alpha, peft.dropout
+    refuse_dora(peft)
+    rslora = bool(getattr(peft, "use_rslora", False))
+    scaling = alpha / (r ** 0.5 if rslora else r)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRAParallelLinear(getattr(parent, child), name, r, alpha, dropout))
+        setattr(parent, child, LoRAParallelLinear(getattr(parent, child), name, r, scaling, dropout))
     model.peft_config = {"default": LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                                               bias="none")}
+                                               bias="none", use_rslora=rslora)}
     return model
+
+
+def refuse_dora(peft) -> None:
+    """DoRA has no Megatron implementation here: one line, before anything loads."""
+    if getattr(peft, "use_dora", False):
+        raise ConfigError("use_dora=True (DoRA) is not implemented on the Megatron-Core path: train it on the "
+                          "AutoModel path (to_automodel), or use plain LoRA (use_rslora=True is supported)")

@@ -24,7 +24,7 @@ from nemo_automodel.errors import ConfigError, bad_value, first_line
 from nemo_automodel.megatron import convert
 from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
 from nemo_automodel.megatron.hf_checkpoint import SafetensorsCheckpoint, checkpoint_folder
-from nemo_automodel.megatron.lora import apply_megatron_lora
+from nemo_automodel.megatron.lora import apply_megatron_lora, refuse_dora
 from nemo_automodel.megatron.strategy import import_megatron
 from nemo_automodel.models.hf_causal_lm import resolve_dtype
 from nemo_automodel.models.hf_save import INDEX_FILE
@@ -130,8 +130,10 @@ class MegatronGPTModel:
         return hf.state_dict()
 
     def check(self, peft, strategy) -> None:
-        """Nothing to refuse before loading: the Megatron path has no quantized base (``to_megatron``
-        refuses one) and trains LoRA or all weights on its own strategy."""
+        """Refuse DoRA before loading; the Megatron path has no quantized base (``to_megatron`` refuses
+        one) and trains LoRA or all weights on its own strategy."""
+        if peft is not None:
+            refuse_dora(peft)
 
     def apply_peft(self, peft) -> torch.nn.Module:
         """LoRA on Megatron's fused parallel linears, selected by the same ``target_modules`` as on HF."""

@@ -32,6 +32,7 @@ from nemo_automodel.megatron.optim import (
 )
 from nemo_automodel.megatron.strategy import MegatronStrategy, import_megatron
 from nemo_automodel.models import HFAutoModelForCausalLM
+from nemo_automodel.peft import DoRA
 from nemo_automodel.trainer.optim import OptimizerModule
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def to_megatron(recipe: run.Partial, tensor_parallel: int = 1, pipeline_parallel
     new = copy.deepcopy(recipe)
     model = _node(new, "model", HFAutoModelForCausalLM, "an HFAutoModelForCausalLM node")
     new.model = _megatron_model(model, tensor_parallel)
+    _check_peft(getattr(new, "peft", None))
     if getattr(new, "optim", None) is not None:
         new.optim = _megatron_optim(_node(new, "optim", OptimizerModule, "an OptimizerModule node (llm.adam.*)"))
     trainer = _trainer(new)
@@ -97,6 +99,12 @@ def _trainer(graph: run.Partial) -> fdl.Buildable:
     if not isinstance(trainer, fdl.Buildable):
         raise ConfigError(f"recipe.trainer must be a Trainer node to swap backends, got {_describe(trainer)}")
     return trainer
+
+
+def _check_peft(peft: Any) -> None:
+    if isinstance(peft, fdl.Buildable) and peft.__arguments__.get("use_dora", _is(fdl.get_callable(peft), DoRA)):
+        raise ConfigError("to_megatron: use_dora=True (DoRA) has no Megatron-Core implementation here: use plain "
+                          "LoRA (use_rslora=True is carried over) to swap backends")
 
 
 def _check_devices(trainer: fdl.Buildable, tp: int) -> None:

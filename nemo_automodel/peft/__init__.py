@@ -1,6 +1,6 @@
-"""Parameter-efficient fine-tuning: LoRA on top of the `peft` library."""
+"""Parameter-efficient fine-tuning: LoRA (DoRA, rsLoRA) on top of the `peft` library."""
 
-from nemo_automodel.peft.lora import LoRA, merge_adapter
+from nemo_automodel.peft.lora import DoRA, LoRA, merge_adapter
 from nemo_automodel.peft.targets import resolve_target_modules
 
-__all__ = ["LoRA", "merge_adapter", "resolve_target_modules"]
+__all__ = ["DoRA", "LoRA", "merge_adapter", "resolve_target_modules"]

@@ -23,13 +23,17 @@ class LoRA:
         dim: adapter rank. alpha: scaling numerator (scale = alpha / dim).
         dropout: dropout on the adapter path. dropout_position: ``pre`` (on the adapter input,
             what peft implements); ``post`` is accepted only with dropout=0.
+        use_dora: DoRA (weight-decomposed LoRA: a trained magnitude per output feature on top of the
+            low-rank direction update). HF path only; vLLM cannot serve DoRA adapters (export merged).
+        use_rslora: rank-stabilised LoRA: scale = alpha / sqrt(dim) instead of alpha / dim.
     """
 
     @validated
     def __init__(self, target_modules: str | list[str] | tuple[str, ...] = DEFAULT_TARGETS,
                  exclude_modules: list[str] | tuple[str, ...] = (), dim: Annotated[int, Field(ge=1)] = 8,
                  alpha: Annotated[float, Field(gt=0)] = 32, dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
-                 dropout_position: Literal["pre", "post"] = "pre") -> None:
+                 dropout_position: Literal["pre", "post"] = "pre", use_dora: bool = False,
+                 use_rslora: bool = False) -> None:
         if isinstance(target_modules, str):
             target_modules = [target_modules]
         if dropout_position == "post" and dropout > 0:
@@ -38,6 +42,12 @@ class LoRA:
         self.target_modules = list(target_modules)
         self.exclude_modules = list(exclude_modules)
         self.dim, self.alpha, self.dropout = dim, alpha, dropout
+        self.use_dora, self.use_rslora = use_dora, use_rslora
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``B @ A``: alpha / dim, or alpha / sqrt(dim) with rsLoRA."""
+        return self.alpha / (self.dim ** 0.5 if self.use_rslora else self.dim)
 
     def apply(self, module: torch.nn.Module) -> torch.nn.Module:
         """Wrap a HF model in a peft ``PeftModel`` with only the adapters trainable.
@@ -49,7 +59,8 @@ class LoRA:
 
         names = resolve_target_modules(module, self.target_modules, self.exclude_modules)
         config = LoraConfig(r=self.dim, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=names, bias="none", task_type="CAUSAL_LM")
+                            target_modules=names, bias="none", task_type="CAUSAL_LM", use_dora=self.use_dora,
+                            use_rslora=self.use_rslora)
         return get_peft_model(module, config)
 
 
@@ -70,3 +81,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     load_tokenizer(str(tok_src)).save_pretrained(out_dir)
     return out_dir
+
+
+class DoRA(LoRA):
+    """NeMo's ``llm.peft.DoRA``: ``LoRA`` with ``use_dora=True`` (same arguments)."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("use_dora", True)
+        super().__init__(**kwargs)
