@@ -31,20 +31,23 @@ def test_building_recipes_does_no_io(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()  # the embedded model is converted only when built
     assert recipe.model.model_id == "/not/there" and recipe.peft.dim == 16
     assert demo.optim.optimizer_fn.lr == 1e-3 and demo.data.formatting == "chat"
+    assert demo.preflight is True and recipe.preflight is False  # `make demo` prints the data preflight
     sft = hf_recipe.finetune_recipe(peft_scheme=None)
     assert sft.peft is None and sft.optim.optimizer_fn.lr == 1e-5
 
 
-def _tiny_recipe(model_dir, tmp_path, name):
+def _tiny_recipe(model_dir, tmp_path, name, **kwargs):
     return hf_recipe.finetune_recipe(model_id=str(model_dir), dataset=str(_chat_file(tmp_path / "chat.jsonl")),
                                      formatting="chat", dir=str(tmp_path / "runs"), name=name, max_steps=3,
-                                     seq_length=64, micro_batch_size=2, global_batch_size=4)
+                                     seq_length=64, micro_batch_size=2, global_batch_size=4, **kwargs)
 
 
-def test_run_direct_trains(tiny_llama, tmp_path):
-    run.run(_tiny_recipe(tiny_llama, tmp_path, "direct"), direct=True)
+def test_run_direct_trains_after_its_preflight(tiny_llama, tmp_path, capsys):
+    run.run(_tiny_recipe(tiny_llama, tmp_path, "direct", preflight=True), direct=True)
     meta = json.loads((tmp_path / "runs" / "direct" / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["peft"] is True
+    out = capsys.readouterr().out
+    assert "== data preflight ==" in out and "rows: 16 in, 16 trained on" in out
 
 
 @pytest.mark.slow
