@@ -25,7 +25,7 @@ venv: $(STAMP)  ## create or update the venv (.venv): CPU torch first, then the 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,demo,qlora]'
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,demo,qlora,trackers]'
 	$(PY) -m pip install -q --no-deps $(DEMO_WHEELS)
 	touch $@
 

@@ -7,11 +7,14 @@ from nemo_automodel.trainer import (
     AutoResume,
     DDPStrategy,
     FSDP2Strategy,
+    MLflowLogger,
     ModelCheckpoint,
     NeMoLogger,
     SingleDeviceStrategy,
     Trainer,
+    WandbLogger,
 )
 
-__all__ = ["PREEMPTED_EXIT_CODE", "AutoResume", "DDPStrategy", "FSDP2Strategy", "MegatronOptimizerModule",
-           "MegatronStrategy", "ModelCheckpoint", "NeMoLogger", "SingleDeviceStrategy", "Trainer"]
+__all__ = ["PREEMPTED_EXIT_CODE", "AutoResume", "DDPStrategy", "FSDP2Strategy", "MLflowLogger",
+           "MegatronOptimizerModule", "MegatronStrategy", "ModelCheckpoint", "NeMoLogger", "SingleDeviceStrategy",
+           "Trainer", "WandbLogger"]

@@ -41,6 +41,7 @@ import nemo_run as run
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.launch import sweep
 from nemo_automodel.launch.job_env import job_env
+from nemo_automodel.launch.tracker_params import with_tracker_params
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DONE = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
@@ -144,7 +145,8 @@ class Experiment:
                 raise ConfigError(f"dependency {dep!r} of {name!r} is not an earlier task: {self.names}")
         executor = executor or self.executor or _default_executor()
         executor = executor.clone()
-        self._tasks.append({"name": name, "task": localize_outputs(task, executor), "executor": executor,
+        task = with_tracker_params(localize_outputs(task, executor))  # the submitted values, as tracker params
+        self._tasks.append({"name": name, "task": task, "executor": executor,
                             "dependencies": list(dependencies or []), "combo": dict(combo or {})})
         return name
 

@@ -48,7 +48,10 @@ def command_main(run: Callable[[list[str]], int], argv: list[str] | None) -> int
 
 
 def run_graph(graph) -> Any:
-    """Build a `run.Partial`/`run.Config` graph and call it, under `guard`."""
+    """Build a `run.Partial`/`run.Config` graph and call it, under `guard` (a graph with a tracker on
+    its ``log`` node records its flattened values as params: `tracker_params.with_tracker_params`)."""
     import fiddle as fdl
 
-    return guard(lambda: fdl.build(graph)())()
+    from nemo_automodel.launch.tracker_params import with_tracker_params
+
+    return guard(lambda: fdl.build(with_tracker_params(graph))())()

@@ -21,6 +21,7 @@ from nemo_automodel.trainer.metrics import MetricsLogger
 from nemo_automodel.trainer.optim import default_optimizer
 from nemo_automodel.trainer.spawn import launch_fit, needs_launch
 from nemo_automodel.trainer.strategy import env_world_size, resolve_strategy
+from nemo_automodel.trainer.trackers import MLflowLogger, Tracker, WandbLogger, check_trackers, object_params
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,31 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — the job checkpointed on
 
 
 class NeMoLogger:
-    """Where a run writes: ``<log_dir>/<name>/`` (checkpoints, metrics.jsonl, tensorboard, loss.png)."""
+    """Where a run writes: ``<log_dir>/<name>/`` (checkpoints, metrics.jsonl, tensorboard, loss.png).
+
+    ``wandb=WandbLogger(...)`` / ``mlflow=MLflowLogger(...)`` (``trainer/trackers.py``) also send the
+    params, every metrics row and loss.png to those trackers from rank 0. ``params``: the run's
+    configuration as a flat dict; a recipe graph launched with ``run_graph``, the recipe CLI or
+    ``Experiment`` gets its flattened values here (``nemo_automodel.launch.tracker_params``), and a
+    plain-Python run records `trackers.object_params` updated with what is given.
+    """
 
     def __init__(self, log_dir: str = "nemo_experiments", name: str = "default",
-                 ckpt: ModelCheckpoint | None = None, tensorboard: bool = True) -> None:
+                 ckpt: ModelCheckpoint | None = None, tensorboard: bool = True,
+                 wandb: WandbLogger | None = None, mlflow: MLflowLogger | None = None,
+                 params: dict[str, Any] | None = None) -> None:
+        for field, value, cls in (("wandb", wandb, WandbLogger), ("mlflow", mlflow, MLflowLogger)):
+            if value is not None and not isinstance(value, cls):
+                raise bad_value(f"NeMoLogger: {field}", value, f"use None or nemo_automodel.lightning.{cls.__name__}(...)")
+        if params is not None and not isinstance(params, dict):
+            raise bad_value("NeMoLogger: params", params, "use None or a dict of name -> value")
         self.log_dir, self.name, self.tensorboard = log_dir, name, tensorboard
         self.ckpt = ckpt or ModelCheckpoint()
+        self.wandb, self.mlflow, self.params = wandb, mlflow, params
+
+    @property
+    def trackers(self) -> list[Tracker]:
+        return [t for t in (self.wandb, self.mlflow) if t is not None]
 
     @property
     def run_dir(self) -> Path:
@@ -88,6 +108,7 @@ class Trainer:
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
+        self.precision = str(precision)
         self.autocast_dtype, self.weight_dtype = PRECISIONS[str(precision)]
         self.val_check_interval, self.limit_val_batches = val_check_interval, limit_val_batches
         self.log_every_n_steps, self.callbacks, self.seed = log_every_n_steps, list(callbacks or []), seed
@@ -144,6 +165,7 @@ class Trainer:
         log_cfg = log or NeMoLogger()
         self.run_dir = run_dir = log_cfg.run_dir
         ckpt_root = run_dir / "checkpoints"
+        check_trackers(log_cfg.trackers, run_dir)  # package missing, server unreachable: one line, nothing loaded
         if needs_launch(self.devices, self.num_nodes):
             if self.num_nodes > 1:
                 raise ConfigError(f"num_nodes={self.num_nodes} needs a launcher on every node: run under torchrun, "
@@ -163,8 +185,9 @@ class Trainer:
             start = load_checkpoint(resume_from, module=module, optimizer=optimizer, scheduler=scheduler,
                                     data=data, strategy=self.strategy)
             _print0(self, f"resumed from {resume_from} at step {start}")
+        params = {**object_params(self, model, peft, data, optim), **(log_cfg.params or {})} if log_cfg.trackers else {}
         metrics = MetricsLogger(run_dir, enabled=self.strategy.rank == 0, tensorboard=log_cfg.tensorboard,
-                                resume_step=start)
+                                resume_step=start, trackers=log_cfg.trackers, params=params)
         every = log_cfg.ckpt.every_n_train_steps
         save = functools.partial(save_checkpoint, ckpt_root, model=model, module=module, optimizer=optimizer,
                                  scheduler=scheduler, data=data, strategy=self.strategy,
@@ -205,6 +228,9 @@ class Trainer:
                     _print0(self, f"SIGTERM: stopped after step {step} (checkpointed: {self.enable_checkpointing}); "
                                   f"exiting with {PREEMPTED_EXIT_CODE}")
                     raise SystemExit(PREEMPTED_EXIT_CODE)
+        except BaseException as err:
+            metrics.abort("KILLED" if isinstance(err, (SystemExit, KeyboardInterrupt)) else "FAILED")
+            raise
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
