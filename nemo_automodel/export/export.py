@@ -1,4 +1,5 @@
-"""Export a checkpoint of ours into a folder vLLM serves: a merged HF model, or a PEFT adapter + base id.
+"""Export a checkpoint of ours into a folder vLLM serves (a merged HF model, or a PEFT adapter + base id),
+or into a GGUF file for llama.cpp and Ollama.
 
 Layout of an export (``nemo_export.json`` says which kind it is)::
 
@@ -6,6 +7,7 @@ Layout of an export (``nemo_export.json`` says which kind it is)::
                    chat_template.jinja, nemo_export.json}
     adapter:  out/{adapter/{adapter_config.json, adapter_model.safetensors}, tokenizer files,
                    chat_template.jinja, nemo_export.json}   (the base model is named in the manifest)
+    gguf:     out/{<out>-<outtype>.gguf, Modelfile, nemo_export.json}   (merged first; see ``gguf.py``)
 
 The export is written under a temporary name and renamed when complete, like checkpoints.
 """
@@ -21,6 +23,7 @@ from nemo_automodel.errors import ConfigError, bad_value
 
 MANIFEST = "nemo_export.json"
 MODES = ("merged", "adapter")
+FORMATS = ("hf", "gguf")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -90,8 +93,10 @@ def _prepare_out(out: Path) -> Path:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", "adapter"] = "merged",
-           base_model: str | None = None, lora_name: str | None = None) -> Path:
-    """Write a vLLM-ready export of ``checkpoint`` into ``out_dir`` and return ``out_dir``.
+           base_model: str | None = None, lora_name: str | None = None,
+           format: Literal["hf", "gguf"] = "hf", outtype: str = "f16") -> Path:
+    """Write a vLLM-ready (or, with ``format="gguf"``, llama.cpp/Ollama-ready) export of ``checkpoint``
+    into ``out_dir`` and return ``out_dir``.
 
     Args:
         checkpoint: a ``checkpoints/step-N`` folder, ``checkpoints/last`` or the run directory;
@@ -100,12 +105,24 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
             ``adapter`` writes the PEFT adapter for vLLM's LoRA serving (LoRA checkpoints only).
         base_model: base model id/folder for LoRA checkpoints (default: the adapter's own).
         lora_name: the adapter's name when served (default: the export folder's name).
+        format: ``hf`` (safetensors for vLLM) or ``gguf`` (one GGUF file with the tokenizer and chat
+            template inside, plus an Ollama ``Modelfile``; the model is merged first).
+        outtype: the GGUF's weight type: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (``gguf`` only).
 
     Raises ConfigError (one line, before vLLM starts) for an incomplete checkpoint, a wrong mode,
     or an adapter vLLM cannot serve (see ``servable``).
     """
     if mode not in MODES:
         raise bad_value("mode", mode, f"use one of {MODES}")
+    if format not in FORMATS:
+        raise bad_value("format", format, f"use one of {FORMATS}")
+    if format == "gguf":
+        from nemo_automodel.export.gguf import check_outtype
+
+        check_outtype(outtype)
+        if mode == "adapter":
+            raise ConfigError("mode='adapter' with format='gguf': llama.cpp and Ollama get one merged model; "
+                              "use mode='merged'")
     ckpt = resolve_checkpoint(checkpoint)
     meta, src = checkpoint_payload(ckpt)
     peft = bool(meta.get("peft"))
@@ -113,8 +130,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
         raise ConfigError(f"mode='adapter': checkpoint {str(ckpt)!r} is a full fine-tune and has no adapter; "
                           "use mode='merged'")
     out = Path(out_dir).expanduser().resolve()
-    manifest: dict = {"format": 1, "mode": mode, "checkpoint": str(ckpt), "step": meta.get("step"),
-                      "model": ".", "tokenizer": ".", "adapter": None}
+    manifest: dict = {"manifest_version": 1, "format": format, "mode": mode, "checkpoint": str(ckpt),
+                      "step": meta.get("step"), "model": ".", "tokenizer": ".", "adapter": None}
     if peft:
         from nemo_automodel.export.servable import check_servable, read_adapter_config
 
@@ -128,13 +145,16 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
                             lora_name=lora_name or out.name, lora_modules=list(info.modules))
     tmp = _prepare_out(out)
     try:
-        if not peft:
+        if format == "gguf":
+            manifest.update(_write_gguf(src, tmp, out.name, outtype, manifest.get("base_model") if peft else None))
+        elif not peft:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         elif mode == "merged":
             _merge(src, tmp, manifest["base_model"])
         else:
             _write_adapter(src, tmp / "adapter", manifest["base_model"])
-        _copy_tokenizer(src, tmp)
+        if format == "hf":
+            _copy_tokenizer(src, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,6 +171,24 @@ def _merge(adapter_dir: Path, out: Path, base: str) -> None:
     merge_adapter(adapter_dir, out, base_model=base)
 
 
+def _write_gguf(src: Path, out: Path, name: str, outtype: str, base: str | None) -> dict:
+    """Convert the model (LoRA merged into ``base`` first, in a temp folder) into ``out/<name>-<outtype>.gguf``
+    and write the Ollama Modelfile beside it; the manifest fields that say so."""
+    import tempfile
+
+    from nemo_automodel.export.gguf import convert, write_modelfile
+
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as scratch:
+        model_dir = src
+        if base is not None:
+            model_dir = Path(scratch)
+            _merge(src, model_dir, base)
+            _copy_tokenizer(src, model_dir)
+        gguf_file = convert(model_dir, out / f"{name}-{outtype}.gguf", outtype, name=name)
+        write_modelfile(model_dir, gguf_file)
+    return {"gguf": gguf_file.name, "outtype": outtype, "model": None, "tokenizer": None, "modelfile": "Modelfile"}
+
+
 def _write_adapter(adapter_dir: Path, out: Path, base: str) -> None:
     out.mkdir()
     shutil.copy2(adapter_dir / "adapter_model.safetensors", out / "adapter_model.safetensors")
@@ -159,8 +197,12 @@ def _write_adapter(adapter_dir: Path, out: Path, base: str) -> None:
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def read_export(export_dir: str | Path) -> dict:
-    """The manifest of an export with paths made absolute; a plain HF model folder counts as merged."""
+def read_export(export_dir: str | Path, format: str | None = "hf") -> dict:
+    """The manifest of an export with paths made absolute; a plain HF model folder counts as merged.
+
+    ``format`` is the kind the caller can use (``hf`` for vLLM, ``gguf``, None for either); another
+    kind is a one-line ConfigError.
+    """
     root = Path(export_dir).expanduser().resolve()
     path = root / MANIFEST
     if path.is_file():
@@ -170,11 +212,23 @@ def read_export(export_dir: str | Path) -> dict:
     else:
         raise ConfigError(f"export_dir={str(export_dir)!r} is not an export (no {MANIFEST} or config.json): "
                           "write one with llm.api.export(checkpoint, out_dir)")
+    kind = manifest.get("format") if manifest.get("format") in FORMATS else "hf"  # manifests before GGUF: 1
+    manifest["format"] = kind
+    if format is not None and kind != format:
+        hint = (" (for llama.cpp/Ollama: `ollama create NAME -f Modelfile` in it); export again with "
+                "format='hf' for vLLM") if kind == "gguf" else ""
+        raise ConfigError(f"export {str(root)!r} is a format={kind!r} export, not {format!r}{hint}")
+    manifest["root"] = str(root)
+    if kind == "gguf":
+        gguf_file = root / str(manifest.get("gguf"))
+        if not gguf_file.is_file():
+            raise ConfigError(f"export {str(root)!r} is incomplete: {gguf_file.name} is missing")
+        manifest["gguf"] = str(gguf_file)
+        return manifest
     for key in ("model", "tokenizer", "adapter"):
         value = manifest.get(key)
         if value and (root / value).exists():
             manifest[key] = str((root / value).resolve())
-    manifest["root"] = str(root)
     if manifest["mode"] == "merged" and not any(Path(manifest["model"]).glob("*.safetensors")):
         raise ConfigError(f"export {str(root)!r} is incomplete: no *.safetensors weights")
     return manifest
