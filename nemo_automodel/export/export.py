@@ -176,7 +176,8 @@ def _write_gguf(src: Path, out: Path, name: str, outtype: str, base: str | None)
     and write the Ollama Modelfile beside it; the manifest fields that say so."""
     import tempfile
 
-    from nemo_automodel.export.gguf import convert, write_modelfile
+    from nemo_automodel.export.gguf import convert
+    from nemo_automodel.export.ollama import write_modelfile
 
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as scratch:
         model_dir = src

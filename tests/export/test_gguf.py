@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nemo_automodel import llm
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.export import export, read_export
-from nemo_automodel.export.gguf import convert, modelfile_text, write_modelfile
+from nemo_automodel.export.gguf import convert
+from nemo_automodel.export.ollama import modelfile_text, write_modelfile
 from tests.helpers import chat_dataset
 
 PROMPTS = ["The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
