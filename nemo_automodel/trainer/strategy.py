@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.layers import decoder_layers
 
 
@@ -144,39 +144,109 @@ class DDPStrategy(ProcessGroupStrategy):
 
 
 class FSDP2Strategy(ProcessGroupStrategy):
-    """Fully sharded data parallel (``fully_shard``) per transformer block and on the root.
+    """Fully sharded data parallel (``fully_shard``) per transformer block and on the root, optionally
+    over tensor-parallel shards: a 2-D device mesh ``("dp", "tp")`` of shape (D, T).
 
-    Applied after LoRA, so only adapters are trainable. ``data_parallel_size`` defaults to the
-    world size; ``mixed_precision`` (from the trainer's precision) sets the FSDP param dtype
-    (gradients are reduced in fp32). Gradients are reduce-scattered after every micro-batch,
-    which keeps only the sharded gradient in memory during accumulation.
+    Applied after LoRA, so only adapters are trainable. ``data_parallel_size`` (D) defaults to the
+    world size / ``tensor_parallel_size`` (T); D * T must equal the number of processes.
+    ``mixed_precision`` (from the trainer's precision) sets the FSDP param dtype (gradients are reduced
+    in fp32). Gradients are reduce-scattered after every micro-batch, which keeps only the sharded
+    gradient in memory during accumulation.
+
+    With T > 1, ``wrap`` first shards the model's Linear layers over ``mesh["tp"]`` with its own
+    transformers plan (``config.base_model_tp_plan``) or ``tp_plan={pattern: "colwise"|"rowwise"}``
+    (``trainer/tensor_parallel.py``; LoRA layers are sharded per part), then applies ``fully_shard`` on
+    ``mesh["dp"]`` (skipped when D == 1). ``dp_size``/``dp_rank`` are the dp coordinate: the T ranks of
+    one replica read the same batches, and ``all_reduce`` sums over the replicas only. Checkpoints hold
+    DTensors that DCP reshards, so they resume at any (D, T).
+
+    ``context_parallel_size`` > 1 is refused at setup: PyTorch's context-parallel attention shards only the
+    CUDA flash/efficient/cuDNN SDPA kernels, and the training loop does not drive it yet.
     """
 
     name = "fsdp2"
 
-    def __init__(self, data_parallel_size: int | None = None, reshard_after_forward: bool = True) -> None:
+    def __init__(self, data_parallel_size: int | None = None, reshard_after_forward: bool = True,
+                 tensor_parallel_size: int = 1, tp_plan: dict[str, str] | None = None,
+                 context_parallel_size: int = 1) -> None:
         super().__init__()
+        check_int("data_parallel_size", data_parallel_size, allow_none=True)
+        check_int("tensor_parallel_size", tensor_parallel_size)
+        check_int("context_parallel_size", context_parallel_size)
+        if tp_plan is not None and not (isinstance(tp_plan, dict) and all(isinstance(k, str) for k in tp_plan)):
+            raise bad_value("tp_plan", tp_plan, "use None or a dict {module pattern: 'colwise'|'rowwise'}")
         self.data_parallel_size = data_parallel_size
         self.reshard_after_forward = reshard_after_forward
+        self.tensor_parallel_size = tensor_parallel_size
+        self.tp_plan = tp_plan
+        self.context_parallel_size = context_parallel_size
+        self.mesh = None
 
     def setup(self, accelerator: str = "auto") -> None:
+        tp, cp = self.tensor_parallel_size, self.context_parallel_size
+        world = env_world_size()
+        if cp > 1:
+            use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+            if not use_cuda:
+                raise bad_value("context_parallel_size", cp, "context parallel needs CUDA GPUs (PyTorch shards "
+                                "attention only in the CUDA flash/efficient/cuDNN SDPA kernels); use 1 on CPU")
+            raise bad_value("context_parallel_size", cp, "context parallel is not wired into the AutoModel "
+                            "training loop yet; use the Megatron path (MegatronStrategy(context_parallel_size=...))")
+        dp = self.data_parallel_size if self.data_parallel_size is not None else world // tp
+        if dp * tp != world:
+            raise ConfigError(f"data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} must equal the "
+                              f"number of processes ({world})")
+        self.data_parallel_size = dp
         super().setup(accelerator)
-        if self.data_parallel_size not in (None, self.world_size):
-            raise bad_value("data_parallel_size", self.data_parallel_size,
-                            f"must equal the number of processes ({self.world_size}) until TP/CP land")
+        if tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+    @property
+    def dp_size(self) -> int:
+        return self.data_parallel_size if self.mesh is not None else self.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else self.rank
+
+    def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
+        if self.mesh is not None and not world:
+            if self.dp_size > 1:
+                dist.all_reduce(tensor, group=self.mesh["dp"].get_group())
+            return tensor
+        return super().all_reduce(tensor, world)
 
     def wrap(self, module, mixed_precision=None):
-        if not self.is_distributed:
+        if self.mesh is not None:
+            from nemo_automodel.trainer.tensor_parallel import apply_tensor_parallel, model_tp_plan
+
+            apply_tensor_parallel(module, self.mesh["tp"], model_tp_plan(module, self.tp_plan))
+        if not self.is_distributed or self.dp_size == 1:
             return module
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs = {"reshard_after_forward": self.reshard_after_forward}
+        if self.mesh is not None:
+            kwargs["mesh"] = self.mesh["dp"]
         if mixed_precision is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
         for block in decoder_layers(module):
             fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
         return module
+
+    def clip_grad_norm(self, module, max_norm):
+        if self.mesh is None:
+            return super().clip_grad_norm(module, max_norm)
+        from nemo_automodel.trainer.tensor_parallel import clip_grad_norm
+
+        return clip_grad_norm([p for p in module.parameters() if p.requires_grad], max_norm)
+
+    def checkpoint_layout(self) -> dict[str, int]:
+        """Nothing: the state is DTensors (TP and FSDP shards) that DCP reshards onto any (D, T)."""
+        return {}
 
 
 STRATEGIES = {"single": SingleDeviceStrategy, "ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp": FSDP2Strategy}
