@@ -296,7 +296,8 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     Across a change of world size, DCP reshards weights and optimizer state and the schedule
     carries over; the data position carries over when the rows consumed so far fill whole
     micro-batches of the new layout (e.g. the same global batch), otherwise the epoch restarts.
-    RNG streams are per rank, so they are restored only on the same world size.
+    RNG streams are per rank, so they are restored only on the same world size and data-parallel size
+    (the same 4 processes as (dp 2, tp 2) or (dp 4, tp 1) read different data positions).
     """
     path = Path(path)
     meta = checksums.read_meta(path)
@@ -316,7 +317,7 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy)
     own = path / f"trainer-rank{strategy.rank}.pt"
     trainer_state = torch.load(own if own.is_file() else path / "trainer-rank0.pt", weights_only=False)
     scheduler.load_state_dict(trainer_state["scheduler"])
-    if meta["world_size"] == strategy.world_size:
+    if meta["world_size"] == strategy.world_size and meta.get("dp_size", meta["world_size"]) == strategy.dp_size:
         data.load_state_dict(trainer_state["data"])
         _set_rng_state(trainer_state["rng"])
     else:
