@@ -1,0 +1,160 @@
+"""FSDP2 + tensor parallel on a (dp, tp) mesh over gloo: TP logits, 2-D training equal to one process,
+checkpoints resharded from (2, 2) to (4, 1) and (1, 1), and the HF/PEFT export of TP shards.
+
+Three process starts serve every test: torchrun x4 at (dp 2, tp 2), torchrun x4 at (4, 1) resuming its
+step-3 checkpoint, and one plain process (the references and the same checkpoint resumed at (1, 1)).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from harness import ROOT, env, losses, max_diff
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+WORKER = Path(__file__).with_name("tp2d_worker.py")
+STEPS = 8
+RTOL = 1e-5  # losses against one process: only the order of float sums differs
+ATOL = 5e-5  # weights after 8 AdamW steps
+
+
+def _launch(tmp: Path, runs: list[dict], nproc: int) -> None:
+    spec = tmp / f"spec-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps({"runs": runs}))
+    cmd = ([sys.executable, str(WORKER), str(spec)] if nproc == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            str(WORKER), str(spec)])
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def base(small_model, token_data) -> dict:
+    return {"model": str(small_model), "data": str(token_data), "steps": STEPS, "total": STEPS, "micro": 1,
+            "global": 4}
+
+
+@pytest.fixture(scope="session")
+def grid(tmp_path_factory, base, tiny_model_factory) -> Path:
+    """torchrun x4 at (dp 2, tp 2): TP logits of tiny Llama and Qwen2, LoRA (checkpoints every 3 steps) and SFT."""
+    tmp = tmp_path_factory.mktemp("tp2d")
+    mesh = {"dp": 2, "tp": 2, "log_dir": str(tmp / "runs")}
+    _launch(tmp, [{**mesh, "logits": [str(tiny_model_factory("llama")), str(tiny_model_factory("qwen2"))],
+                   "out": str(tmp / "logits")},
+                  {**base, **mesh, "peft": True, "every": 3, "name": "lora", "out": str(tmp / "lora")},
+                  {**base, **mesh, "name": "sft", "out": str(tmp / "sft")}], nproc=4)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def dp4(tmp_path_factory, base, grid) -> Path:
+    """torchrun x4 at (4, 1): the (2, 2) LoRA run's step-3 checkpoint resumed to the end."""
+    tmp = tmp_path_factory.mktemp("dp4")
+    _launch(tmp, [{**base, "dp": 4, "tp": 1, "peft": True, "log_dir": str(tmp / "runs"), "name": "lora",
+                   "resume_from": str(grid / "runs" / "lora" / "checkpoints" / "step-000003"),
+                   "out": str(tmp / "lora")}], nproc=4)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def one(tmp_path_factory, base, grid) -> Path:
+    """One process: LoRA and SFT references, and the (2, 2) step-3 checkpoint resumed at (1, 1)."""
+    tmp = tmp_path_factory.mktemp("one")
+    common = {**base, "log_dir": str(tmp / "runs")}
+    _launch(tmp, [{**common, "peft": True, "name": "lora", "out": str(tmp / "lora")},
+                  {**common, "name": "sft", "out": str(tmp / "sft")},
+                  {**common, "peft": True, "name": "resumed", "out": str(tmp / "resumed"),
+                   "resume_from": str(grid / "runs" / "lora" / "checkpoints" / "step-000003")}], nproc=1)
+    return tmp
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) / y for x, y in zip(a, b))
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("index,arch", [(0, "llama"), (1, "qwen2")])
+def test_tp2_logits_equal_one_process(grid, tiny_model_factory, index, arch):
+    import transformers
+    from tp2d_worker import IDS
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_factory(arch)).eval()
+    with torch.no_grad():
+        ref = model(input_ids=IDS, use_cache=False).logits
+    diff = (_load(grid / "logits" / f"logits{index}.pt") - ref).abs().max().item()
+    print(f"{arch}: max |logits TP=2 (dp 2) - one process| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["lora", "sft"])
+def test_2d_training_equals_one_process(grid, one, kind):
+    got, ref = losses(grid / "runs" / kind), losses(one / "runs" / kind)
+    assert len(got) == STEPS and (kind == "lora" or ref[-1] < ref[0] - 0.3), ref
+    worst = _rel(got, ref)
+    diff = max_diff(_load(grid / kind / "final.pt"), _load(one / kind / "final.pt"))
+    print(f"{kind} (2, 2) vs one process: max rel loss {worst:.2e}, max weight diff {diff:.2e}")
+    assert worst < RTOL, (got, ref)
+    assert diff < ATOL
+
+
+@pytest.mark.parametrize("where", ["dp4", "one"])
+def test_checkpoint_2x2_resumes_at_other_layouts(grid, dp4, one, where):
+    run_dir, out = (dp4 / "runs" / "lora", dp4 / "lora") if where == "dp4" else (one / "runs" / "resumed",
+                                                                                 one / "resumed")
+    meta = json.loads((grid / "runs" / "lora" / "checkpoints" / "step-000003" / "meta.json").read_text())
+    assert meta["dp_size"] == 2 and meta["world_size"] == 4 and meta["layout"] == {}
+    got, full = losses(run_dir), losses(grid / "runs" / "lora")[3:]  # steps 4..8
+    worst = _rel(got, full)
+    diff = max_diff(_load(out / "final.pt"), _load(grid / "lora" / "final.pt"))
+    print(f"(2, 2) step 3 resumed at {where}: max rel loss vs uninterrupted {worst:.2e}, weights {diff:.2e}")
+    assert worst < RTOL, (got, full)
+    assert diff < ATOL
+
+
+def test_tp_adapter_equals_one_process_and_loads_in_peft(grid, one, small_model):
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    tp = grid / "runs" / "lora" / "checkpoints" / "last" / "hf_adapter"
+    ref = one / "runs" / "lora" / "checkpoints" / "last" / "hf_adapter"
+    a, b = load_file(tp / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    diff = max_diff(a, b)
+    print(f"exported adapter (2, 2) vs one process: max diff {diff:.2e}")
+    assert diff < ATOL
+    final = _load(grid / "lora" / "final.pt")  # the trained (2, 2) model, gathered
+    base = transformers.AutoModelForCausalLM.from_pretrained(small_model)
+    model = PeftModel.from_pretrained(base, tp).eval()
+    own = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert max_diff(own, {k: final[k] for k in own}) == 0.0
+    from tp2d_worker import IDS
+
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+        merged = model.merge_and_unload()(input_ids=IDS).logits
+    assert (before - merged).abs().max().item() < 1e-4
+
+
+def test_tp_sft_export_loads_in_transformers(grid):
+    import transformers
+
+    folder = grid / "runs" / "sft" / "checkpoints" / "last" / "model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    final = _load(grid / "sft" / "final.pt")
+    state = model.state_dict()
+    diff = max((state[k] - final[k]).abs().max().item() for k in final)
+    print(f"exported (2, 2) SFT model vs its gathered weights: {diff:.2e}")
+    assert diff == 0.0
