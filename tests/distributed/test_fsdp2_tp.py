@@ -1,8 +1,8 @@
 """FSDP2 + tensor parallel on a (dp, tp) mesh over gloo: TP logits, 2-D training equal to one process,
 checkpoints resharded from (2, 2) to (4, 1) and (1, 1), and the HF/PEFT export of TP shards.
 
-Three process starts serve every test: torchrun x4 at (dp 2, tp 2), torchrun x4 at (4, 1) resuming its
-step-3 checkpoint, and one plain process (the references and the same checkpoint resumed at (1, 1)).
+Four process starts serve every test: torchrun x4 at (dp 2, tp 2), torchrun x4 at (4, 1) resuming its
+step-3 checkpoint, torchrun x2 at (1, 2), and one plain process (the references and the same checkpoint resumed at (1, 1)).
 """
 
 from __future__ import annotations
@@ -61,6 +61,16 @@ def dp4(tmp_path_factory, base, grid) -> Path:
     _launch(tmp, [{**base, "dp": 4, "tp": 1, "peft": True, "log_dir": str(tmp / "runs"), "name": "lora",
                    "resume_from": str(grid / "runs" / "lora" / "checkpoints" / "step-000003"),
                    "out": str(tmp / "lora")}], nproc=4)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def tp_only(tmp_path_factory, base) -> Path:
+    """torchrun x2 at (1, 2): TP without FSDP (DTensors on the tp mesh beside plain replicated tensors)."""
+    tmp = tmp_path_factory.mktemp("tp-only")
+    mesh = {"dp": 1, "tp": 2, "log_dir": str(tmp / "runs")}
+    _launch(tmp, [{**base, **mesh, "peft": True, "name": "lora", "out": str(tmp / "lora")},
+                  {**base, **mesh, "name": "sft", "out": str(tmp / "sft")}], nproc=2)
     return tmp
 
 
@@ -158,3 +168,18 @@ def test_tp_sft_export_loads_in_transformers(grid):
     diff = max((state[k] - final[k]).abs().max().item() for k in final)
     print(f"exported (2, 2) SFT model vs its gathered weights: {diff:.2e}")
     assert diff == 0.0
+
+
+@pytest.mark.parametrize("kind", ["lora", "sft"])
+def test_tp_only_training_and_export_equal_one_process(tp_only, one, kind):
+    from safetensors.torch import load_file
+
+    worst = _rel(losses(tp_only / "runs" / kind), losses(one / "runs" / kind))
+    diff = max_diff(_load(tp_only / kind / "final.pt"), _load(one / kind / "final.pt"))
+    name = "hf_adapter/adapter_model.safetensors" if kind == "lora" else "model/model.safetensors"
+    a = load_file(tp_only / "runs" / kind / "checkpoints" / "last" / name)
+    b = load_file(one / "runs" / kind / "checkpoints" / "last" / name)
+    assert a.keys() == b.keys()
+    export = max_diff(a, b)
+    print(f"{kind} (1, 2) vs one process: max rel loss {worst:.2e}, weights {diff:.2e}, export {export:.2e}")
+    assert worst < RTOL and diff < ATOL and export < ATOL
