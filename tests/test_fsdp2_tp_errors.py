@@ -33,6 +33,9 @@ def test_dp_times_tp_must_be_world_size(monkeypatch):
     with pytest.raises(ConfigError) as err:
         FSDP2Strategy(tensor_parallel_size=2, data_parallel_size=3).setup("cpu")
     assert "data_parallel_size=3 x tensor_parallel_size=2 = 6 must equal the number of processes (1)" in _one_line(err)
+    with pytest.raises(ConfigError) as err:
+        FSDP2Strategy(tensor_parallel_size=2).setup("cpu")
+    assert "tensor_parallel_size=2 is invalid: must divide the number of processes (1)" in _one_line(err)
 
 
 def test_context_parallel_on_cpu_is_refused(monkeypatch):

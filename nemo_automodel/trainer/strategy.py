@@ -193,6 +193,8 @@ class FSDP2Strategy(ProcessGroupStrategy):
             raise bad_value("context_parallel_size", cp, "context parallel is not wired into the AutoModel "
                             "training loop yet; use the Megatron path (MegatronStrategy(context_parallel_size=...))")
         dp = self.data_parallel_size if self.data_parallel_size is not None else world // tp
+        if self.data_parallel_size is None and world % tp:
+            raise bad_value("tensor_parallel_size", tp, f"must divide the number of processes ({world})")
         if dp * tp != world:
             raise ConfigError(f"data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} must equal the "
                               f"number of processes ({world})")
