@@ -16,7 +16,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast lint bench bench-memory clean engines
+.PHONY: help venv demo test test-fast lint bench bench-memory bench-gpu clean engines
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ bench: $(STAMP)  ## benchmarks (ratios in one run: hand loop, HF Trainer, TRL, M
 bench-memory: $(STAMP)  ## peak memory ours vs TRL (SmolLM2-135M LoRA, 4096-token rows) and the longest row in 1 GiB (~1 h on 2 CPUs)
 	test -d .venv-bench/site/trl || $(PY) -m pip install -q --no-deps --target .venv-bench/site trl==1.16.0
 	$(PY) benchmarks/memory_vs_trl.py --seq 4096 --steps 1 --fit --budget-gib 1 --max-seq 8192
+
+bench-gpu: $(STAMP)  ## GPU tokens/s, TFLOP/s and MFU: ours (LoRA/full, compile off/on) vs TRL, Llama-3.2-1B/3-8B shapes (<= 8 min on one H100/H200) -> RESULTS.md
+	test -d .venv-bench/site/trl || $(PY) -m pip install -q --no-deps --target .venv-bench/site trl==1.16.0
+	$(PY) benchmarks/bench_gpu.py
 
 engines:  ## start (installing if needed; root) the local Slurm cluster and dockerd + image the slurm/docker tests use
 	.ci/slurm-up.sh
