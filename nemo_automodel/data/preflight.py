@@ -263,8 +263,8 @@ def preflight(data: HFDatasetDataModule, tokenizer: Any, samples: int = 3, stop_
     dropped_cut = int((dropped & (audit.prompt_len >= 0)).sum())
     masked = sorted(row[(store.replies > 0) & (found < store.replies) & ~cut].tolist()
                     + np.flatnonzero(dropped & (audit.replies > 0) & ~audit.truncated).tolist())
-    row_lengths = np.array([len(data.train_dataset[i]["input_ids"]) for i in range(len(data.train_dataset))]) \
-        if data.train_dataset.bins is not None else store.lengths
+    bins = data.train_dataset.bins  # packed rows: their lengths from the bins, without building each row
+    row_lengths = np.array([store.lengths[b].sum() for b in bins]) if bins is not None else store.lengths
     report = PreflightReport(
         samples=[(int(row[i]), _segments(tokenizer, store, i), bool(cut[i])) for i in range(min(samples, len(store)))],
         full_len=audit.full_len, max_len=audit.max_len, rows_in=len(audit.kept), dropped_truncated=dropped_cut,
