@@ -22,6 +22,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
         raise ConfigError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(err)}") from err
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give ``tok`` a pad token when it has none (its UNK, else its EOS); returns ``tok``."""
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
