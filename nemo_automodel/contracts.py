@@ -25,8 +25,9 @@ class PeftMethod(Protocol):
     alpha: float
     dropout: float
 
-    def apply(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Add adapters to a HF module (peft); only the adapters stay trainable."""
+    def apply(self, module: torch.nn.Module, within: list[str] | None = None) -> torch.nn.Module:
+        """Add adapters to a HF module (peft); only the adapters stay trainable. ``within``: module
+        prefixes the targets must lie under (None: the whole module)."""
 
 
 class TrainableModel(Protocol):

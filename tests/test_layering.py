@@ -22,7 +22,7 @@ from nemo_automodel import contracts
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("nemo_automodel", "recipes", "executors")
-FACADES = ("nemo_automodel.llm", "nemo_automodel.lightning")
+FACADES = ("nemo_automodel.llm", "nemo_automodel.vlm", "nemo_automodel.lightning")
 COMPONENTS = ("nemo_automodel.contracts", "nemo_automodel.errors", "nemo_automodel.models", "nemo_automodel.peft",
               "nemo_automodel.data", "nemo_automodel.trainer", "nemo_automodel.plan")
 NOT_FOR_COMPONENTS = ("nemo_automodel.megatron", "nemo_automodel.launch", "nemo_automodel.demo",

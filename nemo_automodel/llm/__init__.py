@@ -1,6 +1,11 @@
 """The ``llm`` namespace of NeMo 25.02 AutoModel scripts: ``from nemo_automodel import llm``."""
 
-from nemo_automodel.data import ChatHFDataModule, HFDatasetDataModule, SquadHFDataModule
+from nemo_automodel.data import (
+    ChatHFDataModule,
+    HFDatasetDataModule,
+    HFImageTextDataModule,
+    SquadHFDataModule,
+)
 from nemo_automodel.llm import adam, api, peft
 from nemo_automodel.megatron import (
     GPTConfig,
@@ -12,8 +17,9 @@ from nemo_automodel.megatron import (
     Qwen2Model,
     Qwen25Config500M,
 )
-from nemo_automodel.models import HFAutoModelForCausalLM
+from nemo_automodel.models import HFAutoModelForCausalLM, HFAutoModelForImageTextToText
 
-__all__ = ["ChatHFDataModule", "GPTConfig", "HFAutoModelForCausalLM", "HFDatasetDataModule", "Llama32Config1B",
+__all__ = ["ChatHFDataModule", "GPTConfig", "HFAutoModelForCausalLM", "HFAutoModelForImageTextToText",
+           "HFDatasetDataModule", "HFImageTextDataModule", "Llama32Config1B",
            "Llama32Config3B", "LlamaModel", "MistralConfig7B", "MistralModel", "Qwen25Config500M", "Qwen2Model",
            "SquadHFDataModule", "adam", "api", "peft"]

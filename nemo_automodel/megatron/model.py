@@ -26,7 +26,7 @@ from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
 from nemo_automodel.megatron.hf_checkpoint import SafetensorsCheckpoint, checkpoint_folder
 from nemo_automodel.megatron.lora import apply_megatron_lora, refuse_dora
 from nemo_automodel.megatron.strategy import import_megatron
-from nemo_automodel.models.hf_causal_lm import resolve_dtype
+from nemo_automodel.models.hf_loading import resolve_dtype
 from nemo_automodel.models.hf_save import INDEX_FILE
 from nemo_automodel.models.tokenizer import load_tokenizer
 from nemo_automodel.trainer.strategy import unwrap

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from nemo_automodel.errors import ConfigError, bad_value, check_int, first_line
+from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.chunked_ce import fused_lm_head_loss, lean_head_unsupported
+from nemo_automodel.models.hf_loading import check_kind, load_config, load_hf_model, resolve_dtype
 from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.layers import enable_activation_checkpointing
 from nemo_automodel.models.loss import masked_cross_entropy
@@ -23,25 +24,6 @@ from nemo_automodel.models.quantization import (
 from nemo_automodel.models.tokenizer import TokenizerAdapter, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-ATTN_FALLBACKS = ("sdpa", "eager")
-
-
-def resolve_dtype(value: str | torch.dtype, field: str = "torch_dtype") -> torch.dtype:
-    """Map a dtype name (or a torch.dtype) to a torch.dtype, failing with one line otherwise."""
-    if isinstance(value, torch.dtype):
-        return value
-    name = str(value).removeprefix("torch.")
-    if name not in DTYPES:
-        raise bad_value(field, value, f"use one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def _looks_local(model_id: str) -> bool:
-    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
-
 
 class HFAutoModelForCausalLM:
     """A causal LM from the Hub or a local folder; nothing is read until `configure_model`.
@@ -148,39 +130,17 @@ class HFAutoModelForCausalLM:
         return chunked or None
 
     def _load(self) -> torch.nn.Module:
-        import transformers
-
-        if _looks_local(self.model_id) and not (Path(self.model_id).expanduser() / "config.json").is_file():
-            raise ConfigError(f"model_id={self.model_id!r} is not a model folder (no config.json there): "
-                              "pass an existing local folder or a Hugging Face model id")
-        common = dict(trust_remote_code=self.trust_remote_code, revision=self.revision)
-        for attn in dict.fromkeys((self.attn_implementation, *ATTN_FALLBACKS)):
-            kwargs = dict(dtype=self.dtype, attn_implementation=attn, **load_kwargs(self.quantization))
-            try:
-                if self.load_pretrained_weights:
-                    model = transformers.AutoModelForCausalLM.from_pretrained(self.model_id, **common, **kwargs)
-                else:
-                    config = transformers.AutoConfig.from_pretrained(self.model_id, **common)
-                    model = transformers.AutoModelForCausalLM.from_config(
-                        config, trust_remote_code=self.trust_remote_code, **kwargs)
-            except (ValueError, ImportError) as err:
-                if "attn" not in str(err).lower() and "attention" not in str(err).lower():
-                    raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {first_line(err)}") from err
-                log.warning("attn_implementation=%r unavailable for %s (%s); trying the next one",
-                            attn, self.model_id, first_line(err))
-                continue
-            except OSError as err:
-                raise ConfigError(f"model_id={self.model_id!r} could not be loaded: {first_line(err)} "
-                                  "(check the id or folder; offline runs need a local folder or a cached model)") from err
-            if attn != self.attn_implementation:
-                log.warning("using attn_implementation=%r instead of %r", attn, self.attn_implementation)
-            return after_load(model) if self.quantization else model
-        raise ConfigError(f"attn_implementation={self.attn_implementation!r}: no working attention kernel for {self.model_id}")
+        model = load_hf_model("causal_lm", self.model_id, load_pretrained_weights=self.load_pretrained_weights,
+                              dtype=self.dtype, attn_implementation=self.attn_implementation,
+                              trust_remote_code=self.trust_remote_code, revision=self.revision,
+                              **load_kwargs(self.quantization))
+        return after_load(model) if self.quantization else model
 
     def check(self, peft, strategy) -> None:
-        """Refuse, in one line before anything loads, what this model cannot train (a 4-bit base
-        without ``peft``, or sharded by FSDP2)."""
+        """Refuse, in one line before any weights load, what this model cannot train: a vision-language
+        checkpoint (config.json is read), a 4-bit base without ``peft`` or sharded by FSDP2."""
         check_trainable(self.quantization, peft, strategy.name)
+        check_kind(load_config(self.model_id, self.trust_remote_code, self.revision), self.model_id, "causal_lm")
 
     def apply_peft(self, peft) -> torch.nn.Module:
         """Add ``peft``'s adapters (a ``contracts.PeftMethod``) to the loaded model; returns it."""

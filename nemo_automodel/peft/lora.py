@@ -49,15 +49,16 @@ class LoRA:
         """The factor on ``B @ A``: alpha / dim, or alpha / sqrt(dim) with rsLoRA."""
         return self.alpha / (self.dim ** 0.5 if self.use_rslora else self.dim)
 
-    def apply(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Wrap a HF model in a peft ``PeftModel`` with only the adapters trainable.
+    def apply(self, module: torch.nn.Module, within: list[str] | None = None) -> torch.nn.Module:
+        """Wrap a HF model in a peft ``PeftModel`` with only the adapters trainable; ``within`` limits the
+        targets to layers under those module prefixes (a VLM's language model).
 
         Models of other backends call this through their ``apply_peft`` and may read the fields
         instead (Megatron-Core: ``megatron/lora.py`` resolves the same targets onto its fused layers).
         """
         from peft import LoraConfig, get_peft_model
 
-        names = resolve_target_modules(module, self.target_modules, self.exclude_modules)
+        names = resolve_target_modules(module, self.target_modules, self.exclude_modules, within)
         config = LoraConfig(r=self.dim, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=names, bias="none", task_type="CAUSAL_LM", use_dora=self.use_dora,
                             use_rslora=self.use_rslora)

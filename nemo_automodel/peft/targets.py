@@ -60,13 +60,17 @@ def summarize(names: Iterable[str], limit: int = 12) -> str:
 
 
 def resolve_target_modules(model: torch.nn.Module, target_modules: Iterable[str],
-                           exclude_modules: Iterable[str] = ()) -> list[str]:
-    """Full names of the layers selected by ``target_modules`` minus ``exclude_modules``.
+                           exclude_modules: Iterable[str] = (), within: Iterable[str] | None = None) -> list[str]:
+    """Full names of the layers selected by ``target_modules`` minus ``exclude_modules``, among the layers
+    under the module prefixes ``within`` (all layers when None: a VLM passes its language model).
 
     Raises ConfigError (listing the candidates) when nothing is selected; a single pattern that
     matches nothing while others do only warns, so one list serves several architectures.
     """
     names = candidate_names(model)
+    if within is not None:
+        scope = tuple(within)
+        names = [n for n in names if any(n == p or n.startswith(p + ".") for p in scope)]
     targets, excludes = list(target_modules), list(exclude_modules)
     selected: dict[str, None] = {}
     for pattern in targets:
@@ -78,6 +82,7 @@ def resolve_target_modules(model: torch.nn.Module, target_modules: Iterable[str]
         match = pattern_matcher(pattern)
         selected = {n: None for n in selected if not match(n)}
     if not selected:
+        where = "" if within is None else f" under {', '.join(scope)}"
         raise ConfigError(f"LoRA target_modules={targets} (exclude_modules={excludes}) match no layer of "
-                          f"{type(model).__name__}; candidates: {summarize(names)}")
+                          f"{type(model).__name__}{where}; candidates: {summarize(names)}")
     return list(selected)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from nemo_automodel.errors import ConfigError, bad_value, check_int
-from nemo_automodel.models.hf_causal_lm import resolve_dtype
+from nemo_automodel.models.hf_loading import resolve_dtype
 from nemo_automodel.models.quantization import check_trainable, resolve_quantization
 
 PRECISIONS = {"32": "32", "32-true": "32", "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",
@@ -33,14 +33,16 @@ class Job:
         quantization: the model's ``quantization``: None, ``"nf4"``, ``"fp4"`` or a dict of
             ``BitsAndBytesConfig`` 4-bit arguments (QLoRA: 4-bit base linear layers through bitsandbytes).
         strategy: None/``"auto"`` (DDP on several devices, else single), ``"single"``, ``"ddp"``, ``"fsdp2"``.
-        devices: data-parallel processes in all (GPUs per node x nodes).
+        devices: processes in all (GPUs per node x nodes); the data-parallel replicas are
+            devices / (tensor_parallel x context_parallel).
         micro_batch_size / seq_length: rows per micro-batch and tokens per row (the longest row a
             padded batch can have, or the packed row size).
         packed: rows are packed samples (attention gets a block-diagonal mask).
         activation_checkpointing / chunked_loss: the model's switches.
         accumulate: micro-batches per optimizer step (gradients stay alive across them).
         device: ``"cuda"`` (fused attention kernels, foreach AdamW, a CUDA context) or ``"cpu"``.
-        tensor_parallel: reserved; only 1 is estimated.
+        tensor_parallel / context_parallel / tp_plan: ``FSDP2Strategy``'s ``tensor_parallel_size``,
+            ``context_parallel_size`` (CUDA, unpacked rows) and ``tp_plan`` (None: the model's own).
     """
 
     model: Any
@@ -59,6 +61,8 @@ class Job:
     device: str = "cuda"
     trust_remote_code: bool = False
     tensor_parallel: int = 1
+    context_parallel: int = 1
+    tp_plan: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if str(self.precision) not in PRECISIONS:
@@ -71,14 +75,31 @@ class Job:
         object.__setattr__(self, "quantization", resolve_quantization(self.quantization, require_installed=False))
         if self.device not in DEVICES:
             raise bad_value("device", self.device, "use 'cuda' or 'cpu'")
-        for field in ("devices", "micro_batch_size", "accumulate", "tensor_parallel"):
+        for field in ("devices", "micro_batch_size", "accumulate", "tensor_parallel", "context_parallel"):
             check_int(field, getattr(self, field))
         check_int("seq_length", self.seq_length, 2)
-        if self.tensor_parallel != 1:
-            raise bad_value("tensor_parallel", self.tensor_parallel, "only 1 is estimated so far")
+        self._check_model_parallel()
         if self.strategy == "single" and self.devices > 1:
             raise ConfigError(f"strategy='single' cannot train on {self.devices} devices: use 'ddp' or 'fsdp2'")
         check_trainable(self.quantization, self.peft, self.effective_strategy)
+
+    def _check_model_parallel(self) -> None:
+        tp, cp = self.tensor_parallel, self.context_parallel
+        if tp * cp == 1:
+            return
+        if self.devices % (tp * cp):
+            raise ConfigError(f"tensor_parallel={tp} x context_parallel={cp} must divide devices={self.devices}")
+        if self.strategy != "fsdp2":
+            raise bad_value("strategy", self.strategy, "tensor/context parallel run on strategy='fsdp2'")
+        if self.quantization and tp > 1:
+            raise ConfigError("tensor_parallel needs nn.Linear layers: a 4-bit (QLoRA) base cannot be sharded")
+        if cp > 1 and (self.packed or self.device != "cuda"):
+            raise bad_value("context_parallel", cp, "context parallel trains unpacked rows on CUDA only")
+
+    @property
+    def data_parallel(self) -> int:
+        """The data-parallel replicas: devices / (tensor_parallel x context_parallel)."""
+        return self.devices // (self.tensor_parallel * self.context_parallel)
 
     def replace(self, **changes: Any) -> Job:
         """A copy with ``changes`` applied (checked again)."""
