@@ -19,6 +19,7 @@ from nemo_automodel.models.hf_loading import check_kind, load_config, load_hf_mo
 from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.layers import enable_activation_checkpointing
 from nemo_automodel.models.loss import masked_cross_entropy
+from nemo_automodel.models.processor import has_chat_template, load_processor
 
 # where transformers' VLM families keep their vision encoder (Qwen2-VL: visual; LLaVA, Gemma3: vision_tower;
 # Idefics3, SmolVLM, Mllama: vision_model)
@@ -55,7 +56,8 @@ class HFAutoModelForImageTextToText:
         torch_dtype, attn_implementation, trust_remote_code (off), revision: as for the causal-LM class.
         freeze_vision_tower: keep the vision encoder frozen (default). With False, full SFT trains it and
             LoRA targets resolve on it too. The projector between the two trains with full SFT.
-        activation_checkpointing: recompute each decoder and vision block in backward (non-reentrant).
+        activation_checkpointing: recompute the repeated blocks' activations in backward (transformers' own
+            non-reentrant switch, as for the causal-LM class).
     """
 
     def __init__(self, model_id: str | os.PathLike | None = None, load_pretrained_weights: bool = True,
@@ -85,8 +87,6 @@ class HFAutoModelForImageTextToText:
     def tokenizer(self) -> Any:
         """The processor (loaded on first use); ``.tokenizer`` on it is the text tokenizer."""
         if self._processor is None:
-            from nemo_automodel.models.processor import load_processor
-
             self._processor = load_processor(self.processor_id, trust_remote_code=self.trust_remote_code,
                                              revision=self.revision)
         return self._processor
@@ -95,8 +95,6 @@ class HFAutoModelForImageTextToText:
 
     def check(self, peft, strategy) -> None:
         """Refuse, before any weights load, a text-only checkpoint and a processor without a chat template."""
-        from nemo_automodel.models.processor import has_chat_template
-
         check_kind(load_config(self.model_id, self.trust_remote_code, self.revision), self.model_id,
                    "image_text_to_text")
         if not has_chat_template(self.tokenizer):

@@ -8,13 +8,18 @@ from nemo_automodel.errors import ConfigError
 
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder layers: modules of the classes the HF model lists as ``_no_split_modules``
-    (found through a peft wrapper too)."""
-    from peft import PeftModel
-
-    base = module.get_base_model() if isinstance(module, PeftModel) else module
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    return [m for m in module.modules() if type(m).__name__ in names]
+    """The repeated blocks: modules of the classes that the HF model, or any HF model inside it (a VLM's
+    language model and vision tower), lists as ``_no_split_modules``; the outermost ones only, in order."""
+    names = {n for m in module.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    blocks: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for m in module.modules():  # pre-order: a block comes before the modules it contains
+        if id(m) in inside:
+            continue
+        if type(m).__name__ in names:
+            blocks.append(m)
+            inside.update(id(sub) for sub in m.modules())
+    return blocks
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> int:
