@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nemo_automodel.errors import ConfigError, first_line
@@ -26,18 +27,21 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, revision:
     torchvision is missing. Failures are a one-line ConfigError naming ``name_or_path``."""
     from transformers import AutoProcessor, ProcessorMixin
 
+    path = Path(name_or_path).expanduser()
+    if (path.is_absolute() or name_or_path.startswith((".", "~"))) and not path.is_dir():
+        raise ConfigError(f"processor {name_or_path!r} could not be loaded: no such folder")
     kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
     try:
         processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
     except Exception as err:  # transformers raises OSError, ValueError, AttributeError, ImportError, ...
         cls = _video_processor_class(name_or_path, **kwargs)
         if cls is None:
-            raise ConfigError(f"processor {name_or_path!r} could not be loaded: {first_line(err)}") from err
+            raise ConfigError(f"processor {name_or_path!r} could not be loaded: {_cause(err)}") from err
         try:
             processor = _load_without_video(cls, name_or_path, **kwargs)
         except Exception as err2:
             raise ConfigError(f"processor {name_or_path!r} could not be loaded without its video processor "
-                              f"(torchvision is not installed): {first_line(err2)}") from err2
+                              f"(torchvision is not installed): {_cause(err2)}") from err2
     if not isinstance(processor, ProcessorMixin) or getattr(processor, "tokenizer", None) is None:
         raise ConfigError(f"processor {name_or_path!r} could not be loaded: the folder has no processor config "
                           f"(found only a {type(processor).__name__}); a vision-language model needs one")
@@ -49,6 +53,11 @@ def has_chat_template(processor: Any) -> bool:
     """Whether the processor (or its tokenizer) has a chat template."""
     tokenizer = getattr(processor, "tokenizer", None)
     return bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
+
+
+def _cause(err: BaseException) -> str:
+    """The first line of a transformers error, without its boilerplate about Hub ids."""
+    return first_line(err).split(" If you were trying to load it from")[0]
 
 
 def _video_processor_class(name_or_path: str, trust_remote_code: bool, revision: str | None) -> type | None:
