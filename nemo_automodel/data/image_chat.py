@@ -131,7 +131,9 @@ class ImageChatEncoder:
         image_id = getattr(processor, "image_token_id", None)
         if image_id is None and image_token is not None:
             image_id = self.tokenizer.convert_tokens_to_ids(image_token)
-        self.image_token_id = image_id
+        # the ids the image features replace (Gemma3's image_token_id is its <start_of_image>, not the soft tokens)
+        self.image_token_ids = [i for i in {image_id, *(getattr(processor, "image_token_ids", None) or [])}
+                                if i is not None]
         self._spans: dict[int, list[tuple[int, int]]] = {}
         self._warned: set[int] = set()
 
@@ -206,7 +208,7 @@ class ImageChatEncoder:
     def _check_length(self, length: int, ids: torch.Tensor, index: int) -> None:
         if length - 1 <= self.max_len:
             return
-        if self.image_token_id is not None and bool((ids[self.max_len + 1: length] == self.image_token_id).any()):
+        if bool(torch.isin(ids[self.max_len: length], torch.tensor(self.image_token_ids, dtype=ids.dtype)).any()):
             raise ConfigError(f"row {index} has {length - 1} tokens and seq_length={self.max_len} would cut its "
                               "image tokens: raise seq_length or use smaller images")
         if index not in self._warned:
