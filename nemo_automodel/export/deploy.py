@@ -30,7 +30,8 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 # For offline generation: keep the engine core in the runner's process (no spawned engine process).
 OFFLINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
-Prompt = str | list[dict[str, str]]
+# a user message, a conversation, or either with images: {"prompt": ..., "images": [PIL | path | bytes]}
+Prompt = str | list[dict[str, Any]] | dict[str, Any]
 
 
 @dataclass
@@ -45,7 +46,13 @@ class Completion:
 @dataclass
 class Job:
     """Prompts for one export. ``chat`` renders them with the export's chat template (``LLM.chat``);
-    ``use_adapter=False`` asks an adapter export's base model without the adapter."""
+    ``use_adapter=False`` asks an adapter export's base model without the adapter.
+
+    A prompt for a vision-language model carries images as ``{"prompt": str | conversation, "images":
+    [...]}`` (they fill the conversation's ``{"type": "image"}`` parts in order; a str chat prompt gets
+    them before its text; a raw prompt, ``chat=False``, must hold the image tokens itself), or inline in
+    a conversation as ``{"type": "image", "image": ...}`` parts, as in training rows. An image is a PIL
+    image, a file path or bytes."""
 
     export_dir: str | Path
     prompts: list[Prompt]
@@ -84,6 +91,49 @@ def engine_spec(export_dir: str | Path, dtype: str = "auto", **engine_kwargs: An
     return spec
 
 
+def _png_base64(value: Any, where: str) -> str:
+    import base64
+    import io
+
+    from nemo_automodel.data.image_chat import load_image
+
+    buffer = io.BytesIO()
+    load_image(value, None, where).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def wire_prompt(prompt: Prompt, where: str = "prompt") -> Prompt:
+    """``prompt`` as the runner takes it (JSON): its images, inline ones placed where their parts are, as
+    base64 PNG under ``images`` and bare ``{"type": "image"}`` parts in the conversation."""
+    if isinstance(prompt, dict):
+        if "prompt" not in prompt:
+            raise ConfigError(f"{where}: a prompt dict needs 'prompt' (text or conversation) and 'images', "
+                              f"got keys {sorted(prompt)}")
+        text, pool = prompt["prompt"], list(prompt.get("images") or [])
+    else:
+        text, pool = prompt, []
+    images = []
+    if isinstance(text, list):
+        conversation = []
+        for message in text:
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") == "image":
+                        if "image" in part or pool:
+                            images.append(part["image"] if "image" in part else pool.pop(0))
+                        part = {"type": "image"}
+                    parts.append(part)
+                message = {**message, "content": parts}
+            conversation.append(message)
+        text = conversation
+    images += pool  # a str prompt's images (or more than the conversation's parts: vLLM says so)
+    if not images:
+        return text
+    return {"prompt": text, "images": [_png_base64(image, f"{where}, image {i}") for i, image in enumerate(images)]}
+
+
 def _payload(jobs: list[Job], dtype: str) -> dict[str, Any]:
     specs: dict[tuple, dict] = {}
     out = []
@@ -91,7 +141,8 @@ def _payload(jobs: list[Job], dtype: str) -> dict[str, Any]:
         key = (str(Path(job.export_dir).resolve()), json.dumps(job.engine_kwargs, sort_keys=True))
         if key not in specs:
             specs[key] = engine_spec(job.export_dir, dtype, **job.engine_kwargs)
-        out.append({"engine": specs[key], "prompts": job.prompts, "max_tokens": job.max_tokens,
+        prompts = [wire_prompt(p, f"prompt {i}") for i, p in enumerate(job.prompts)]
+        out.append({"engine": specs[key], "prompts": prompts, "max_tokens": job.max_tokens,
                     "chat": job.chat, "use_adapter": job.use_adapter})
     return {"jobs": out}
 

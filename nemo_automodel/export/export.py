@@ -4,7 +4,7 @@ or into a GGUF file for llama.cpp and Ollama.
 Layout of an export (``nemo_export.json`` says which kind it is)::
 
     merged:   out/{config.json, model*.safetensors, generation_config.json, tokenizer files,
-                   chat_template.jinja, nemo_export.json}
+                   chat_template.jinja, nemo_export.json}   (+ processor_config.json for a vision-language model)
     adapter:  out/{adapter/{adapter_config.json, adapter_model.safetensors}, tokenizer files,
                    chat_template.jinja, nemo_export.json}   (the base model is named in the manifest)
     gguf:     out/{<out>-<outtype>.gguf, Modelfile, nemo_export.json}   (merged first; see ``gguf.py``)
@@ -74,7 +74,8 @@ def _local_or_id(name: str, relative_to: Path) -> str:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files (and chat template) the checkpoint saved next to its weights."""
+    """Copy the tokenizer files, chat template and (vision-language models) processor/preprocessor
+    configs the checkpoint saved next to its weights."""
     skip = {*ADAPTER_FILES, "README.md", "config.json", "generation_config.json"}
     for item in src.iterdir():
         if item.is_file() and item.name not in skip and not item.name.endswith(".safetensors"):
@@ -143,6 +144,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
             info = check_servable(src, base)
             manifest.update(model=base, adapter="adapter", max_lora_rank=info.max_lora_rank,
                             lora_name=lora_name or out.name, lora_modules=list(info.modules))
+    if format == "gguf":
+        _refuse_vision_language(manifest.get("base_model") if peft else src)
     tmp = _prepare_out(out)
     try:
         if format == "gguf":
@@ -163,6 +166,16 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _refuse_vision_language(model: str | Path) -> None:
+    """GGUF holds a text model only (llama.cpp reads a vision tower from a separate mmproj file)."""
+    from nemo_automodel.models.hf_loading import load_config, loadable_as
+
+    config = load_config(str(model))
+    if "image_text_to_text" in loadable_as(config):
+        raise ConfigError(f"format='gguf': {str(model)!r} is a vision-language model ({type(config).__name__}) and "
+                          "GGUF export of vision-language models is not supported; export format='hf' for vLLM")
 
 
 def _merge(adapter_dir: Path, out: Path, base: str) -> None:

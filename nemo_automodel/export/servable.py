@@ -100,18 +100,19 @@ def adapted_modules(adapter_dir: Path) -> list[str]:
     return list(modules)
 
 
-def _meta_model(base_model: str):
-    """The base model's module tree on the meta device (no weights are read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _meta_model(base_model: str, modules: list[str]):
+    """The base model's module tree on the meta device (no weights are read), built with the auto class
+    (vision-language or causal LM) whose layers the adapter names."""
+    from transformers import AutoConfig
+
+    from nemo_automodel.models.hf_loading import kind_with_modules
 
     try:
         config = AutoConfig.from_pretrained(base_model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"base model {base_model!r} could not be read: {first_line(err)} "
                           "(pass base_model= a local folder or a reachable Hub id)") from err
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    return kind_with_modules(config, modules)[1]
 
 
 def check_servable(adapter_dir: str | Path, base_model: str | None = None) -> AdapterInfo:
@@ -124,8 +125,8 @@ def check_servable(adapter_dir: str | Path, base_model: str | None = None) -> Ad
     if not base:
         raise ConfigError(f"adapter {str(adapter_dir)!r} names no base model: pass base_model=")
     rank = check_config(adapter_dir, cfg)
-    layers = dict(_meta_model(base).named_modules())
     modules = adapted_modules(adapter_dir)
+    layers = dict(_meta_model(base, modules).named_modules())
     for name in modules:
         layer = layers.get(name)
         if layer is None:

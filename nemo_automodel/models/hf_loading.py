@@ -72,6 +72,29 @@ def loadable_as(config: Any) -> set[str]:
             if model_type in names}
 
 
+def auto_model_class(kind: Kind) -> type:
+    """transformers' ``AutoModelFor<kind>`` class."""
+    import transformers
+
+    return getattr(transformers, _AUTO_CLASS[kind])
+
+
+def kind_with_modules(config: Any, module_names: list[str]) -> tuple[Kind, torch.nn.Module]:
+    """The kind whose model, built from ``config`` on the meta device (no weights), has every module in
+    ``module_names`` (an adapter's layers), with that model: a VLM config is tried as a VLM first (Mllama's
+    text-only class names its layers differently); else the first kind tried, for the caller to report."""
+    kinds = sorted(loadable_as(config), reverse=True) or ["causal_lm"]  # image_text_to_text first
+    first = None
+    for kind in kinds:
+        with torch.device("meta"):
+            model = auto_model_class(kind).from_config(config)
+        names = {name for name, _ in model.named_modules()}
+        if all(name in names for name in module_names):
+            return kind, model
+        first = first or (kind, model)
+    return first
+
+
 def check_kind(config: Any, model_id: str, kind: Kind) -> None:
     """Refuse a checkpoint that transformers cannot load as ``kind`` but can as the other kind (a
     vision-language model given to the causal-LM class, a text-only one to the VLM class), naming the
@@ -92,7 +115,7 @@ def load_hf_model(kind: Kind, model_id: str, *, load_pretrained_weights: bool, d
     attention kernel first and then sdpa and eager. ``extra`` goes to ``from_pretrained`` (quantization)."""
     import transformers
 
-    auto = getattr(transformers, _AUTO_CLASS[kind])
+    auto = auto_model_class(kind)
     check_model_folder(model_id)
     common = dict(trust_remote_code=trust_remote_code, revision=revision)
     for attn in dict.fromkeys((attn_implementation, *ATTN_FALLBACKS)):

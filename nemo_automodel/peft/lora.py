@@ -65,22 +65,39 @@ class LoRA:
         return get_peft_model(module, config)
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
-    """Merge a saved PEFT adapter into its base model and write a plain HF model folder."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
+def adapter_modules(adapter_dir: str | Path) -> list[str]:
+    """The base-model module names that carry LoRA weights in a saved ``adapter_model.safetensors``."""
+    from safetensors import safe_open
 
+    names: dict[str, None] = {}
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if ".lora_" in key:
+                names[key.removeprefix("base_model.model.").split(".lora_")[0]] = None
+    return list(names)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Merge a saved PEFT adapter into its base model and write a plain HF model folder (with the
+    processor for a vision-language base, else the tokenizer). The base loads with the auto class
+    whose layers the adapter names (``AutoModelForImageTextToText`` or ``AutoModelForCausalLM``)."""
+    from peft import PeftConfig, PeftModel
+
+    from nemo_automodel.models.hf_loading import auto_model_class, kind_with_modules, load_config
+    from nemo_automodel.models.processor import load_processor
     from nemo_automodel.models.tokenizer import load_tokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"adapter_dir={str(adapter_dir)!r} has no adapter_config.json: pass a hf_adapter/ folder")
     base = base_model or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    kind, _ = kind_with_modules(load_config(base), adapter_modules(adapter_dir))
+    model = auto_model_class(kind).from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    load_tokenizer(str(tok_src)).save_pretrained(out_dir)
+    load = load_processor if kind == "image_text_to_text" else load_tokenizer
+    load(str(tok_src)).save_pretrained(out_dir)
     return out_dir
 
 
