@@ -89,6 +89,16 @@ class Strategy(Protocol):
     def grad_sync(self, module: torch.nn.Module, sync: bool) -> AbstractContextManager:
         """Context for one micro-batch's backward; ``sync=False`` defers the gradient all-reduce."""
 
+    @property
+    def grad_reduce_size(self) -> int:
+        """The ranks DDP/FSDP average gradients over (replicas; x context-parallel ranks)."""
+
+    def micro_batch_context(self, batch: dict[str, torch.Tensor]) -> AbstractContextManager:
+        """Context for one micro-batch's forward/backward; ``batch`` then holds this rank's part (CP)."""
+
+    def sum_sequence_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that split a micro-batch's rows (context parallel); else as is."""
+
     def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
         """Sum over the data-parallel replicas, or over every rank with ``world``."""
 

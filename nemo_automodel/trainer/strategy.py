@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.layers import decoder_layers
+from nemo_automodel.trainer.mesh import mesh_dims, mesh_shape
 
 
 def env_world_size() -> int:
@@ -59,6 +60,22 @@ class ProcessGroupStrategy:
     @property
     def dp_rank(self) -> int:
         return self.rank
+
+    @property
+    def grad_reduce_size(self) -> int:
+        """The ranks whose gradients DDP/FSDP average, each holding different tokens of the step: the
+        replicas here (FSDP2 with context parallel: replicas x cp ranks)."""
+        return self.dp_size
+
+    def micro_batch_context(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward, in which ``batch`` holds what this rank
+        computes on: the whole batch here (context parallel: this rank's part of every row, in place)."""
+        return contextlib.nullcontext(batch)
+
+    def sum_sequence_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` (in place) over the ranks that split one micro-batch's rows (context parallel);
+        nothing to do here."""
+        return tensor
 
     def wrap(self, module: torch.nn.Module, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
         return module
@@ -145,23 +162,29 @@ class DDPStrategy(ProcessGroupStrategy):
 
 class FSDP2Strategy(ProcessGroupStrategy):
     """Fully sharded data parallel (``fully_shard``) per transformer block and on the root, optionally
-    over tensor-parallel shards: a 2-D device mesh ``("dp", "tp")`` of shape (D, T).
+    with tensor and context parallel: a device mesh ``("dp", "cp", "tp")`` of shape (D, C, T)
+    (``trainer/mesh.py``; dims of size 1 other than dp are left out).
 
     Applied after LoRA, so only adapters are trainable. ``data_parallel_size`` (D) defaults to the
-    world size / ``tensor_parallel_size`` (T); D * T must equal the number of processes.
-    ``mixed_precision`` (from the trainer's precision) sets the FSDP param dtype (gradients are reduced
-    in fp32). Gradients are reduce-scattered after every micro-batch, which keeps only the sharded
-    gradient in memory during accumulation.
+    world size / (C * T); D * C * T must equal the number of processes. ``mixed_precision`` (from the
+    trainer's precision) sets the FSDP param dtype (gradients are reduced in fp32). Gradients are
+    reduce-scattered after every micro-batch, which keeps only the sharded gradient in memory during
+    accumulation.
 
     With T > 1, ``wrap`` first shards the model's Linear layers over ``mesh["tp"]`` with its own
     transformers plan (``config.base_model_tp_plan``) or ``tp_plan={pattern: "colwise"|"rowwise"}``
-    (``trainer/tensor_parallel.py``; LoRA layers are sharded per part), then applies ``fully_shard`` on
-    ``mesh["dp"]`` (skipped when D == 1). ``dp_size``/``dp_rank`` are the dp coordinate: the T ranks of
-    one replica read the same batches, and ``all_reduce`` sums over the replicas only. Checkpoints hold
-    DTensors that DCP reshards, so they resume at any (D, T).
+    (``trainer/tensor_parallel.py``; LoRA layers are sharded per part), then applies ``fully_shard`` over
+    dp x cp (one flattened ``dp_cp`` mesh, as torchtitan does; skipped when D * C == 1), so gradients are
+    reduced over both. ``dp_size``/``dp_rank`` are the dp coordinate: the C * T ranks of one replica read
+    the same batches, and ``all_reduce`` sums over the replicas only. Checkpoints hold DTensors that DCP
+    reshards, so they resume at any (D, C, T).
 
-    ``context_parallel_size`` > 1 is refused at setup: PyTorch's context-parallel attention shards only the
-    CUDA flash/efficient/cuDNN SDPA kernels, and the training loop does not drive it yet.
+    ``context_parallel_size`` C > 1 (CUDA only: PyTorch shards attention only in the CUDA flash /
+    memory-efficient / cuDNN SDPA kernels, so it is refused in one line elsewhere) splits every row's
+    sequence over the cp ranks in ``micro_batch_context`` (``trainer/context_parallel.py``: padded to a
+    multiple of 2 * C, load-balanced, unpacked rows and ``attn_implementation="sdpa"`` only). Each cp rank
+    then sums the loss of its tokens, so ``grad_reduce_size`` is D * C and ``sum_sequence_shards`` adds the
+    parts. Validation runs the same way.
     """
 
     name = "fsdp2"
@@ -180,30 +203,22 @@ class FSDP2Strategy(ProcessGroupStrategy):
         self.tensor_parallel_size = tensor_parallel_size
         self.tp_plan = tp_plan
         self.context_parallel_size = context_parallel_size
-        self.mesh = None
+        self.mesh = self.fsdp_mesh = None
 
     def setup(self, accelerator: str = "auto") -> None:
         tp, cp = self.tensor_parallel_size, self.context_parallel_size
-        world = env_world_size()
-        if cp > 1:
-            use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-            if not use_cuda:
-                raise bad_value("context_parallel_size", cp, "context parallel needs CUDA GPUs (PyTorch shards "
-                                "attention only in the CUDA flash/efficient/cuDNN SDPA kernels); use 1 on CPU")
-            raise bad_value("context_parallel_size", cp, "context parallel is not wired into the AutoModel "
-                            "training loop yet; use the Megatron path (MegatronStrategy(context_parallel_size=...))")
-        dp = self.data_parallel_size if self.data_parallel_size is not None else world // tp
-        if self.data_parallel_size is None and world % tp:
-            raise bad_value("tensor_parallel_size", tp, f"must divide the number of processes ({world})")
-        if dp * tp != world:
-            raise ConfigError(f"data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} must equal the "
-                              f"number of processes ({world})")
-        self.data_parallel_size = dp
+        if cp > 1 and not (accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()):
+            raise bad_value("context_parallel_size", cp, "context parallel needs CUDA GPUs (PyTorch shards attention "
+                            "only in the CUDA flash/efficient/cuDNN SDPA kernels); use 1 on CPU")
+        dims = mesh_dims(env_world_size(), self.data_parallel_size, cp, tp)
+        self.data_parallel_size = dims["dp"]
         super().setup(accelerator)
-        if tp > 1:
+        if tp > 1 or cp > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            self.mesh = init_device_mesh(self.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+            shape, names = mesh_shape(dims)
+            self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+            self.fsdp_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if cp > 1 else self.mesh["dp"]
 
     @property
     def dp_size(self) -> int:
@@ -213,6 +228,22 @@ class FSDP2Strategy(ProcessGroupStrategy):
     def dp_rank(self) -> int:
         return self.mesh["dp"].get_local_rank() if self.mesh is not None else self.rank
 
+    @property
+    def grad_reduce_size(self) -> int:
+        return self.dp_size * self.context_parallel_size
+
+    def micro_batch_context(self, batch):
+        if self.context_parallel_size == 1:
+            return super().micro_batch_context(batch)
+        from nemo_automodel.trainer.context_parallel import shard_micro_batch
+
+        return shard_micro_batch(batch, self.mesh["cp"])
+
+    def sum_sequence_shards(self, tensor):
+        if self.context_parallel_size > 1:
+            dist.all_reduce(tensor, group=self.mesh["cp"].get_group())
+        return tensor
+
     def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
         if self.mesh is not None and not world:
             if self.dp_size > 1:
@@ -221,17 +252,21 @@ class FSDP2Strategy(ProcessGroupStrategy):
         return super().all_reduce(tensor, world)
 
     def wrap(self, module, mixed_precision=None):
-        if self.mesh is not None:
+        if self.tensor_parallel_size > 1:
             from nemo_automodel.trainer.tensor_parallel import apply_tensor_parallel, model_tp_plan
 
             apply_tensor_parallel(module, self.mesh["tp"], model_tp_plan(module, self.tp_plan))
-        if not self.is_distributed or self.dp_size == 1:
+        if self.context_parallel_size > 1:
+            from nemo_automodel.trainer.context_parallel import check_sdpa
+
+            check_sdpa(module, self.context_parallel_size)
+        if not self.is_distributed or self.grad_reduce_size == 1:
             return module
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs = {"reshard_after_forward": self.reshard_after_forward}
         if self.mesh is not None:
-            kwargs["mesh"] = self.mesh["dp"]
+            kwargs["mesh"] = self.fsdp_mesh
         if mixed_precision is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
         for block in decoder_layers(module):
@@ -247,7 +282,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
         return clip_grad_norm([p for p in module.parameters() if p.requires_grad], max_norm)
 
     def checkpoint_layout(self) -> dict[str, int]:
-        """Nothing: the state is DTensors (TP and FSDP shards) that DCP reshards onto any (D, T)."""
+        """Nothing: the state is DTensors (TP and FSDP shards) that DCP reshards onto any (D, C, T)."""
         return {}
 
 

@@ -242,14 +242,17 @@ class Trainer:
         """One optimizer step over the micro-batches; the loss is token-weighted over the whole step."""
         device = self.strategy.device
         micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
+        # counted on whole micro-batches: every rank of a replica (tp, cp) reads the same ones
         n_tokens = self.strategy.all_reduce(sum(b["loss_mask"].sum() for b in micro).to(torch.float64)).item()
         if n_tokens == 0:
             raise ConfigError("a training step has no loss tokens (every label is masked): check loss_mask/formatting")
-        scale = self.strategy.dp_size / n_tokens  # DDP/FSDP average gradients over the replicas
+        seen = sum(int(b["num_tokens"].sum()) if "num_tokens" in b else b["input_ids"].numel() for b in micro)
+        scale = self.strategy.grad_reduce_size / n_tokens  # DDP/FSDP average gradients over the ranks they reduce
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro):
-            # DDP: all-reduce gradients only on the last micro-batch (no_sync before it)
-            with self.strategy.grad_sync(module, sync=i == len(micro) - 1):
+            # DDP: all-reduce gradients only on the last micro-batch (no_sync before it); context parallel:
+            # `batch` holds this rank's part of every row inside micro_batch_context
+            with self.strategy.grad_sync(module, sync=i == len(micro) - 1), self.strategy.micro_batch_context(batch):
                 with self._autocast():
                     loss_sum = model.loss(module, batch)
                 (loss_sum * scale).backward()
@@ -259,7 +262,7 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        seen = sum(int(b["num_tokens"].sum()) if "num_tokens" in b else b["input_ids"].numel() for b in micro)
+        total = self.strategy.sum_sequence_shards(total)
         sums = self.strategy.all_reduce(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64,
                                                                          device=device)]))
         return sums[0].item() / n_tokens, int(n_tokens), int(sums[1].item())
@@ -287,14 +290,14 @@ class Trainer:
             limit = math.ceil(limit * len(batches))
         batches = batches[: int(limit)] if limit else batches
         module.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        loss, tokens = (torch.zeros(1, dtype=torch.float64, device=self.strategy.device) for _ in range(2))
         for batch in batches:
             batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
-            with self._autocast():
-                total[0] += model.loss(module, batch).double().cpu()
-            total[1] += batch["loss_mask"].sum().double().cpu()
+            tokens += batch["loss_mask"].sum().double()  # whole rows, before context parallel splits them
+            with self._autocast(), self.strategy.micro_batch_context(batch):
+                loss += model.loss(module, batch).double()
         module.train()
-        total = self.strategy.all_reduce(total.to(self.strategy.device)).cpu()
+        total = self.strategy.all_reduce(torch.cat([self.strategy.sum_sequence_shards(loss), tokens])).cpu()
         return float(total[0] / total[1]) if total[1] > 0 else None
 
     def _fire(self, hook: str, *args) -> None:

@@ -1,7 +1,8 @@
 """One process of the FSDP2+TP tests: ``python tp2d_worker.py SPEC.json`` (under torchrun or not).
 
 SPEC ``{"runs": [run, ...]}``; a run's keys: model, data, log_dir, name, steps, total, micro, global, peft,
-every (checkpoint interval), dp, tp (FSDP2Strategy sizes; without them one process trains with strategy=None), resume, resume_from, out
+every (checkpoint interval), dp, tp, cp (FSDP2Strategy sizes; without tp one process trains with strategy=None),
+accelerator (default "cpu"), resume, resume_from, out
 (final.pt: full weights from rank 0) and ``logits`` (a list of model folders: save the TP logits of each
 probe, no training).
 """
@@ -27,7 +28,10 @@ IDS = torch.arange(2 * 24).reshape(2, 24) % 500
 
 
 def strategy(run: dict):
-    return FSDP2Strategy(data_parallel_size=run["dp"], tensor_parallel_size=run["tp"]) if "tp" in run else None
+    if "tp" not in run:
+        return None
+    return FSDP2Strategy(data_parallel_size=run["dp"], tensor_parallel_size=run["tp"],
+                         context_parallel_size=run.get("cp", 1))
 
 
 def logits(run: dict) -> None:
@@ -51,7 +55,7 @@ def fit(run: dict) -> None:
     optim = OptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01),
                             WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4, max_steps=run["total"]))
     trainer = Trainer(strategy=strategy(run), max_steps=run["steps"], log_every_n_steps=1, gradient_clip_val=1.0,
-                      enable_progress_bar=False, accelerator="cpu")
+                      enable_progress_bar=False, accelerator=run.get("accelerator", "cpu"))
     peft = LoRA(target_modules=["*_proj"], dim=4, dropout=0.0) if run.get("peft") else None
     resume = (AutoResume(resume_from_path=run["resume_from"]) if run.get("resume_from")
               else AutoResume(resume_if_exists=True) if run.get("resume") else None)
