@@ -7,7 +7,8 @@ A recipe is a registered factory name (``hf_auto_model_for_causal_lm``, ``smollm
 id or folder plans ``recipes/hf_auto_model_for_causal_lm.py``'s recipe for that model. ``key=value``
 overrides are the recipe command line's (``peft=None``, ``trainer.precision=bf16-true``,
 ``model.activation_checkpointing=True``, ``data.micro_batch_size=1``, …). Model ids are read from the
-local Hugging Face cache only. ``--gpus`` sets the number of data-parallel devices, ``--seq`` the tokens
+local Hugging Face cache only. ``--gpus`` sets the number of devices in all (with
+``trainer.strategy.tensor_parallel_size=T`` / ``context_parallel_size=C`` the replicas are gpus / (T x C)), ``--seq`` the tokens
 per row (the packed row size when the recipe packs). Exit codes: 0 fits (or no --gpu-memory), 1 does
 not fit, 2 bad input (one line on stderr).
 
@@ -34,7 +35,7 @@ def _parser() -> OneLineParser:
                 "change? Configs are read offline (model folders or the local Hugging Face cache).",
                 epilog="Exit codes: 0 fits, 1 does not fit, 2 bad input.")
     p.add_argument("target", help="recipe factory name, Hugging Face model id (cached) or local model folder")
-    p.add_argument("--gpus", type=int, default=None, help="data-parallel devices in all (default: the recipe's)")
+    p.add_argument("--gpus", type=int, default=None, help="devices in all (default: the recipe's)")
     p.add_argument("--gpu-memory", default=None, help="memory per device, e.g. 80GiB, 80GB, 141G")
     p.add_argument("--seq", type=int, default=None, help="tokens per row (default: the recipe's)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,

@@ -48,9 +48,20 @@ def _strategy(trainer: fdl.Buildable) -> str | None:
     return _STRATEGY_NAMES[name]
 
 
+def strategy_sizes(trainer: fdl.Buildable) -> dict[str, Any]:
+    """``FSDP2Strategy``'s tensor/context-parallel sizes and TP plan as `Job` fields (1/1/None for any other)."""
+    strategy = _arg(trainer, "strategy")
+    if strategy is None or isinstance(strategy, str):
+        return {"tensor_parallel": 1, "context_parallel": 1, "tp_plan": None}
+    return {"tensor_parallel": int(_arg(strategy, "tensor_parallel_size", 1)),
+            "context_parallel": int(_arg(strategy, "context_parallel_size", 1)),
+            "tp_plan": _arg(strategy, "tp_plan")}
+
+
 def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int | None = None,
                     device: str | None = None, build_nodes: bool = True) -> Job:
-    """The `Job` a recipe graph describes; ``gpus``/``seq``/``device`` override what it says.
+    """The `Job` a recipe graph describes; ``gpus``/``seq``/``device`` override what it says. ``gpus`` are
+    all processes: the data-parallel replicas are gpus / (tensor x context parallel sizes of the strategy).
 
     ``build_nodes``: a ``model_id`` given as a graph node (e.g. the demo's model folder) is built
     to learn the folder; False refuses instead (the dryrun stays fast).
@@ -64,8 +75,10 @@ def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int 
     packed = int(_arg(data, "packed_sequence_size", 0) or 0)
     micro = int(_arg(data, "micro_batch_size", 1))
     devices = gpus or int(_arg(trainer, "devices", 1)) * int(_arg(trainer, "num_nodes", 1))
+    sizes = strategy_sizes(trainer)
+    replicas = max(1, devices // (sizes["tensor_parallel"] * sizes["context_parallel"]))
     global_batch = _arg(data, "global_batch_size")
-    accumulate = (max(1, global_batch // (micro * devices)) if global_batch else
+    accumulate = (max(1, global_batch // (micro * replicas)) if global_batch else
                   int(_arg(trainer, "accumulate_grad_batches", 1)))
     chunked = _arg(model, "chunked_loss", False) or _arg(model, "use_liger_kernel", False)
     return Job(
@@ -84,6 +97,7 @@ def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int 
         accumulate=accumulate,
         device=device or ("cpu" if _arg(trainer, "accelerator", "auto") == "cpu" else "cuda"),
         trust_remote_code=bool(_arg(model, "trust_remote_code", False)),
+        **sizes,
     )
 
 

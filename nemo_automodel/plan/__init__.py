@@ -41,8 +41,19 @@ It works from the Hugging Face config alone. The accounting, per device, at the 
   adds what is gathered whole: the root module (embeddings, output layer, final norm: gathered
   from forward to backward; its gradients are reduce-scattered only at the end), two decoder
   layers (the current and the prefetched one, in the compute dtype) and one layer's fp32
-  gradients before their reduce-scatter. Tensor parallelism would divide weights and the
-  layers' activations by its size; it is not estimated yet (``Job.tensor_parallel``).
+  gradients before their reduce-scatter.
+- **Tensor parallel** (``Job.tensor_parallel`` T, ``FSDP2Strategy(tensor_parallel_size=T)``): the
+  meta model gets one TP rank's shapes by the plan the real run applies (the model's
+  ``base_model_tp_plan`` or ``tp_plan``, LoRA per part; ``meta_model.shard_tensor_parallel``), so
+  weights, gradients and optimizer state of the planned Linear layers divide by T, embeddings, norms
+  and the output layer (outside transformers' base plans) stay whole, and the rehearsed activations
+  are one rank's: the projections' outputs and attention on the local heads, the residual stream
+  and norms whole. FSDP2 then shards over the devices / T other ranks. Approximated: the
+  all-reduce of a rowwise layer's partial output, and DTensor/collective buffers, are not counted.
+- **Context parallel** (``Job.context_parallel`` C, CUDA, unpacked rows): a row is padded to a
+  multiple of 2 x C and each rank rehearses its S / C tokens (activations, logits and loss are one
+  rank's); FSDP2 shards over dp x cp. Approximated: ring attention's transient copies of the other
+  ranks' keys and values (about two local k/v blocks) are not counted.
 - **CUDA context**: 1 GiB for the CUDA context and cuBLAS/cuDNN workspaces (not allocated by
   torch, still on the GPU), 0.5 GiB more for NCCL with several GPUs. The caching allocator's
   fragmentation is not included: keep a few percent free.

@@ -16,6 +16,7 @@ from nemo_automodel.plan.meta_model import (
     load_config,
     parameters_of,
     repeats_identically,
+    shard_tensor_parallel,
 )
 from nemo_automodel.plan.rehearsal import (
     ACTIVATIONS,
@@ -25,6 +26,7 @@ from nemo_automodel.plan.rehearsal import (
     Timeline,
     rehearse_step,
 )
+from nemo_automodel.trainer.context_parallel import padded_length
 
 WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATION_ROW, LOGITS_ROW, RUNTIME = COMPONENTS = (
     "weights", "gradients", "optimizer state", "activations", "logits + loss", "CUDA context")
@@ -59,7 +61,8 @@ class MemoryEstimate:
 @dataclass(frozen=True)
 class _Rehearsed:
     timeline: Timeline
-    params: list[ParamInfo]
+    params: list[ParamInfo]  # as one tensor-parallel rank holds them
+    counts: tuple[int, int]  # parameters of the whole model: (frozen base, trainable)
     architecture: str
     notes: tuple[str, ...]
 
@@ -92,6 +95,12 @@ def _rehearsal_dtypes(job: Job) -> tuple[torch.dtype, torch.dtype | None]:
     return torch.float32, torch.bfloat16
 
 
+def local_seq_length(job: Job) -> int:
+    """Tokens per row on one rank: context parallel pads a row to a multiple of 2 x C and splits it in C."""
+    return padded_length(job.seq_length, job.context_parallel) // job.context_parallel if job.context_parallel > 1 \
+        else job.seq_length
+
+
 def _rehearse(job: Job, config) -> _Rehearsed:
     dtype, autocast = _rehearsal_dtypes(job)
     layers = config.num_hidden_layers
@@ -100,6 +109,11 @@ def _rehearse(job: Job, config) -> _Rehearsed:
     built = REHEARSED_LAYERS if repeats_identically(full) and layers > REHEARSED_LAYERS + 1 else None
     model = build_meta_model(config, dtype, job.peft, job.activation_checkpointing, layers=built,
                              trust_remote_code=job.trust_remote_code)
+    whole = parameters_of(model, total_layers=layers)
+    counts = (sum(p.numel for p in whole if not (p.trainable and job.peft is not None)),
+              sum(p.numel for p in whole if p.trainable))
+    if job.tensor_parallel > 1:
+        shard_tensor_parallel(model, job.tensor_parallel, job.tp_plan)
     notes = []
     chunked = job.chunked_loss
     why = lean_head_unsupported(model.module) if chunked else None
@@ -107,11 +121,11 @@ def _rehearse(job: Job, config) -> _Rehearsed:
         notes.append(f"the chunked loss is not used: {why}")
         chunked = False
     timeline = rehearse_step(model.module, model.blocks, micro_batch_size=job.micro_batch_size,
-                             seq_length=job.seq_length, packed=job.packed, chunked_loss=chunked,
+                             seq_length=local_seq_length(job), packed=job.packed, chunked_loss=chunked,
                              kernels=job.device, autocast=autocast,
                              four_bit=job.quant_compute_dtype if job.quantization else None)
-    return _Rehearsed(timeline.extended(layers), parameters_of(model, total_layers=layers), type(full.module).__name__,
-                      tuple(notes))
+    return _Rehearsed(timeline.extended(layers), parameters_of(model, total_layers=layers), counts,
+                      type(full.module).__name__, tuple(notes))
 
 
 def _stored_bytes(p: ParamInfo, job: Job) -> float:
@@ -153,8 +167,8 @@ def estimate(job: Job) -> MemoryEstimate:
     """Predict the peak memory of one device for ``job``: see the accounting in ``nemo_automodel.plan``."""
     config = load_config(job.model, job.trust_remote_code)
     key = ("rehearsal", _config_key(config), _peft_key(job.peft), *_rehearsal_dtypes(job), job.activation_checkpointing,
-           job.chunked_loss, job.micro_batch_size, job.seq_length, job.packed, job.device,
-           job.quantization and job.quant_compute_dtype)
+           job.chunked_loss, job.micro_batch_size, local_seq_length(job), job.packed, job.device,
+           job.quantization and job.quant_compute_dtype, job.tensor_parallel, json.dumps(job.tp_plan, sort_keys=True))
     rehearsed: _Rehearsed = _cached(key, lambda: _rehearse(job, config))
     params, timeline = rehearsed.params, rehearsed.timeline
 
@@ -164,14 +178,14 @@ def estimate(job: Job) -> MemoryEstimate:
     states = ADAM_STATES * grads
     step_temp = _step_temporaries(params, stored, job.device)
 
-    strategy, n = job.effective_strategy, job.devices
-    fsdp2 = strategy == "fsdp2"
+    strategy, n = job.effective_strategy, job.data_parallel * job.context_parallel  # FSDP2 shards over dp x cp
+    fsdp2 = strategy == "fsdp2" and n > 1
     shard = 1 / n if fsdp2 else 1.0  # FSDP2 shards weights, gradients and optimizer state
     gathered = _fsdp2_gathered(params, _rehearsal_dtypes(job)[0].itemsize) if fsdp2 else 0.0
     # FSDP2 reduce-scatters a layer's gradients right after its backward, the root's only at the end
     block_share, other_share = (1 / n if fsdp2 else 1.0), 1.0
     buckets = grads if strategy == "ddp" else 0.0  # DDP's gradient buckets: a second copy of the gradients
-    runtime = (CUDA_CONTEXT + (NCCL_BUFFERS if n > 1 else 0)) if job.device == "cuda" else 0.0
+    runtime = (CUDA_CONTEXT + (NCCL_BUFFERS if job.devices > 1 else 0)) if job.device == "cuda" else 0.0
     kept_grads = 0.0
     if job.accumulate > 1:  # earlier micro-batches' gradients are alive during the later ones
         kept_grads, block_share, other_share = grads * shard, 0.0, 0.0
@@ -191,6 +205,4 @@ def estimate(job: Job) -> MemoryEstimate:
     if job.precision == "bf16-true" and job.peft is None:
         notes.append("bf16-true full fine-tuning keeps bf16 weights and AdamW state, no fp32 master copy")
     sizes = {WEIGHTS: weights * shard, GRADIENTS: grads * shard, OPTIMIZER: states * shard}
-    base = sum(p.numel for p in params if not (p.trainable and job.peft is not None))
-    return MemoryEstimate(job, rehearsed.architecture, int(base), int(sum(p.numel for p in params if p.trainable)),
-                          components, phase, sizes, tuple(notes))
+    return MemoryEstimate(job, rehearsed.architecture, *rehearsed.counts, components, phase, sizes, tuple(notes))

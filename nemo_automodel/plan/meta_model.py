@@ -3,7 +3,8 @@
 ``load_config`` reads ``config.json`` from a local folder or the local Hugging Face cache (never
 the network); ``build_meta_model`` builds the causal LM on the meta device, optionally with fewer
 decoder layers, then applies activation checkpointing and the PEFT method exactly as
-``HFAutoModelForCausalLM`` does; ``parameters_of`` lists what the parameters are.
+``HFAutoModelForCausalLM`` does; ``shard_tensor_parallel`` gives it the shapes of one tensor-parallel
+rank; ``parameters_of`` lists what the parameters are.
 """
 
 from __future__ import annotations
@@ -91,6 +92,36 @@ def build_meta_model(config, dtype: torch.dtype, peft: Any = None, activation_ch
             module = peft.apply(module)
         module.train()
     return MetaModel(module, decoder_layers(module), config)
+
+
+def shard_tensor_parallel(model: MetaModel, tp_size: int, tp_plan: dict[str, str] | None = None) -> None:
+    """Give ``model`` (in place) the shapes one of ``tp_size`` tensor-parallel ranks holds, by the same plan
+    ``FSDP2Strategy`` applies (``trainer/tensor_parallel.py``: the model's ``base_model_tp_plan`` or
+    ``tp_plan``, LoRA per part): a colwise Linear keeps out_features / T outputs (and bias), a rowwise one
+    in_features / T inputs (bias whole). Everything the plan leaves out (embeddings, norms, the output
+    layer in transformers' base plans) stays whole. Attention reshapes with ``-1`` heads, so the step
+    then computes on the local heads and its activations are one rank's."""
+    from nemo_automodel.trainer.tensor_parallel import (
+        check_heads,
+        concrete_plan,
+        decoder_stack,
+        model_tp_plan,
+    )
+
+    check_heads(model.module, tp_size)
+    stack = decoder_stack(model.module)
+    for name, style in concrete_plan(stack, model_tp_plan(model.module, tp_plan), tp_size).items():
+        layer = stack.get_submodule(name)
+        if style == "colwise":
+            layer.out_features //= tp_size
+        else:
+            layer.in_features //= tp_size
+        for attr in ("weight", "bias") if style == "colwise" else ("weight",):
+            old = getattr(layer, attr)
+            if old is not None:
+                shape = (layer.out_features, layer.in_features)[:old.dim()]
+                setattr(layer, attr, torch.nn.Parameter(torch.empty(shape, dtype=old.dtype, device="meta"),
+                                                        requires_grad=old.requires_grad))
 
 
 def repeats_identically(model: MetaModel) -> bool:

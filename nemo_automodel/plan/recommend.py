@@ -51,7 +51,7 @@ def _ladder(job: Job) -> list[Change | list[Change]]:
     if not job.activation_checkpointing:
         steps.append(Change("model.activation_checkpointing=True", "keep one input per decoder layer, recompute "
                             "the rest in backward (~1.4x step time)", lambda j: j.replace(activation_checkpointing=True)))
-    if job.peft is not None and not job.quantization:
+    if job.peft is not None and not job.quantization and job.tensor_parallel * job.context_parallel == 1:
         ddp = job.devices > 1  # a 4-bit base is not FSDP2-shardable
         steps.append(Change("model.quantization=nf4" + (" trainer.strategy=ddp" if ddp else ""),
                             "QLoRA: 4-bit NF4 base (slower, slightly lower quality)",
@@ -110,20 +110,24 @@ def recommend(job: Job, budget: float) -> Advice:
 
 
 def min_devices(job: Job, budget: float) -> int | None:
-    """The fewest GPUs with which ``job`` fits under FSDP2 (None: not even with MAX_DEVICES)."""
+    """The fewest GPUs with which ``job`` fits under FSDP2 (None: not even with MAX_DEVICES); a multiple
+    of tensor_parallel x context_parallel."""
+    group = job.tensor_parallel * job.context_parallel
+
     def ok(n: int) -> bool:
+        n *= group
         return fits(estimate(job.replace(devices=n, strategy="fsdp2" if n > 1 else None)), budget)
 
     hi = 1
     while not ok(hi):
-        if hi >= MAX_DEVICES:
+        if hi * group >= MAX_DEVICES:
             return None
         hi *= 2
     lo = hi // 2 + 1 if hi > 1 else 1
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
-    return hi
+    return hi * group
 
 
 def _why_not(job: Job, budget: float) -> str:

@@ -20,6 +20,8 @@ def describe(est: MemoryEstimate) -> str:
         else "full fine-tuning"
     where = {"single": "1 device", "ddp": f"DDP over {job.devices} devices",
              "fsdp2": f"FSDP2 over {job.devices} devices"}[job.effective_strategy]
+    if job.tensor_parallel * job.context_parallel > 1:
+        where += f" (dp {job.data_parallel} x cp {job.context_parallel} x tp {job.tensor_parallel})"
     if job.device == "cuda":
         where = where.replace("device", "GPU")
     dtype = str(job.torch_dtype).removeprefix("torch.")

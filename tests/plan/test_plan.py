@@ -207,7 +207,7 @@ def test_an_architecture_it_cannot_estimate_is_named_in_one_line(make, match):
     (dict(quantization="nf4"), "quantization='nf4' needs peft"),
     (dict(quantization="nf4", peft=LoRA(), devices=2, strategy="fsdp2"), "cannot be sharded by strategy='fsdp2'"),
     (dict(quantization="int3", peft=LoRA()), "quantization='int3' is invalid"),
-    (dict(tensor_parallel=2), "tensor_parallel=2 is invalid"),
+    (dict(tensor_parallel=2), "tensor_parallel=2 x context_parallel=1 must divide devices=1"),
     (dict(precision="fp8"), "precision='fp8' is invalid"),
     (dict(strategy="zero3"), "strategy='zero3' is invalid"),
     (dict(devices=2, strategy="single"), "strategy='single' cannot train on 2 devices"),
