@@ -14,7 +14,8 @@ Sweeps run as one experiment (sequentially; ``run.sequential=False`` for paralle
 executor, or `executors.local` if none (``--direct``: one after another in this process), and end
 with a table of final metrics (also written to ``run.summary=PATH``, default
 ``<log_dir>/<experiment id>_summary.md``). ``--dryrun`` lists the tasks (and prints each
-executor request, e.g. the sbatch script) and a single task's memory plan (``nemo_automodel.plan``).
+executor request, e.g. the sbatch script), and for a single task its device mesh over the executor's
+nodes (``mesh (dp=2, tp=8) over 16 ranks on 2 nodes x 8: …``) and its memory plan (``nemo_automodel.plan``).
 ``--detach`` returns once Slurm jobs are submitted.
 Exit codes: 0 success, 1 a job failed (its log tail is printed), 2 bad input (one line on stderr).
 """
@@ -156,7 +157,9 @@ class AutoModelRunContext(RunContext):
             print(sweep.summary_table([{"task": n, **c, "run_dir": str(run_dir_of(t))} for n, t, c in tasks]))
         else:
             run.dryrun_fn(tasks[0][1], executor=self.executor)
-            print(_dryrun_plan(tasks[0][1]))
+            world, per_node = _processes(tasks[0][1], self.executor)
+            print(_dryrun_mesh(tasks[0][1], world, per_node))
+            print(_dryrun_plan(tasks[0][1], world))
         if self.executor is not None:
             exp = Experiment(self.name, executor=self.executor)
             for name, task, combo in tasks:
@@ -164,12 +167,42 @@ class AutoModelRunContext(RunContext):
             exp.dryrun()
 
 
-def _dryrun_plan(task: run.Partial) -> str:
+def _processes(task: run.Partial, executor: Optional[run.Executor]) -> tuple[int, int]:  # noqa: UP045
+    """(processes in all, per node) of a launch: the executor's torchrun layout, else the trainer's devices."""
+    try:
+        if executor is not None and executor.nproc_per_node():
+            return executor.nnodes() * executor.nproc_per_node(), executor.nproc_per_node()
+    except NotImplementedError:  # an executor without a torchrun layout
+        pass
+    trainer = getattr(task, "trainer", None)
+    devices = int(getattr(trainer, "devices", 1) or 1)
+    return devices * int(getattr(trainer, "num_nodes", 1) or 1), devices
+
+
+def _dryrun_mesh(task: run.Partial, world: int, per_node: int) -> str:
+    """The device mesh the strategy node asks for, read from the graph (nothing is built)."""
+    from nemo_automodel.launch.plan_recipe import strategy_sizes
+    from nemo_automodel.trainer.mesh import describe_mesh, mesh_dims
+
+    trainer = getattr(task, "trainer", None)
+    if trainer is None:
+        return "mesh: no trainer node"
+    sizes = strategy_sizes(trainer)
+    strategy = getattr(trainer, "strategy", None)
+    try:
+        dims = mesh_dims(world, getattr(strategy, "data_parallel_size", None) if strategy is not None
+                         and not isinstance(strategy, str) else None, sizes["context_parallel"], sizes["tensor_parallel"])
+    except ConfigError as err:
+        return f"mesh: not possible ({root_cause(err)})"
+    return describe_mesh(dims, per_node)
+
+
+def _dryrun_plan(task: run.Partial, gpus: Optional[int] = None) -> str:  # noqa: UP045
     """The memory plan of a task, or one line saying why it is not estimated (the dryrun never fails on it)."""
     from nemo_automodel.launch.plan_recipe import plan_recipe
 
     try:
-        return str(plan_recipe(task, build_nodes=False))
+        return str(plan_recipe(task, gpus=gpus, build_nodes=False))
     except ConfigError as err:
         return f"memory plan: not estimated ({root_cause(err)})"
     except Exception as err:  # a planner failure must not fail the dryrun

@@ -21,6 +21,7 @@ from nemo_automodel.llm import adam
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.peft import LoRA
 from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer
+from nemo_automodel.trainer.strategy import FSDP2Strategy
 
 LORA_TARGETS = ["*_proj", "linear_qkv"]
 
@@ -35,6 +36,14 @@ def model(model_id: Any, torch_dtype: str = "float32", load_pretrained_weights: 
 def lora(dim: int = 16, alpha: float = 32, target_modules: list[str] | None = None) -> run.Config:
     """LoRA on all attention and MLP projections (Megatron aliases resolve per architecture)."""
     return run.Config(LoRA, target_modules=target_modules or LORA_TARGETS, dim=dim, alpha=alpha)
+
+
+@run.cli.factory(target=Trainer, target_arg="strategy", name="fsdp2_parallel")
+def fsdp2_parallel(tensor_parallel_size: int = 1, context_parallel_size: int = 1,
+                   data_parallel_size: int | None = None) -> run.Config:
+    """``trainer.strategy="fsdp2_parallel(tensor_parallel_size=8)"``: FSDP2 on a (dp, cp, tp) mesh."""
+    return run.Config(FSDP2Strategy, tensor_parallel_size=tensor_parallel_size,
+                      context_parallel_size=context_parallel_size, data_parallel_size=data_parallel_size)
 
 
 def data(dataset: Any, formatting: str | None = "chat", seq_length: int = 512, micro_batch_size: int = 4,
