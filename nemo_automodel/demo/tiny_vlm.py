@@ -30,6 +30,11 @@ You are a helpful assistant. Hello! Hi, how are you? I am fine, thank you. What 
 Describe the picture. The picture shows a handwritten digit. A black and white image of a number.
 Please answer with one word. Yes. No. Maybe. Thanks! Good morning. Good night. Goodbye.
 Can you see the image? I can see a small picture. Which number is written here? Count the dots.
+The answer is seven. The answer is zero, one, two, three, four, five, six, seven, eight or nine.
+system: You are a helpful assistant. user: What digit is this? assistant: 3. model: 8.
+What color is the background? It is black. The number is white. There is one digit in the image.
+Look at the picture and tell me the number. Sure, the number is 4. Let me think about it.
+Is this a cat or a dog? Neither, it is a handwritten number. Where is the digit? In the middle.
 """
 
 
