@@ -24,11 +24,11 @@ def env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-def command(spec: Path, nproc: int) -> list[str]:
+def command(spec: Path, nproc: int, worker: Path = WORKER) -> list[str]:
     if nproc == 1:
-        return [sys.executable, str(WORKER), str(spec)]
+        return [sys.executable, str(worker), str(spec)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            str(WORKER), str(spec)]
+            str(worker), str(spec)]
 
 
 def write_spec(path: Path, runs: list[dict]) -> Path:
@@ -37,10 +37,12 @@ def write_spec(path: Path, runs: list[dict]) -> Path:
     return path
 
 
-def launch(tmp: Path, runs: list[dict], nproc: int = 2, timeout: float = 600, check: bool = True):
-    """Run ``worker.py`` on ``runs`` in ``nproc`` processes and wait; returns the CompletedProcess."""
+def launch(tmp: Path, runs: list[dict], nproc: int = 2, timeout: float = 600, check: bool = True,
+           worker: Path = WORKER):
+    """Run ``worker`` (default ``worker.py``) on ``runs`` in ``nproc`` processes and wait; returns the
+    CompletedProcess."""
     spec = write_spec(tmp / f"spec-{time.monotonic_ns()}.json", runs)
-    proc = subprocess.run(command(spec, nproc), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(command(spec, nproc, worker), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
