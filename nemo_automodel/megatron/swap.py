@@ -31,7 +31,7 @@ from nemo_automodel.megatron.optim import (
     torch_kwargs,
 )
 from nemo_automodel.megatron.strategy import MegatronStrategy, import_megatron
-from nemo_automodel.models import HFAutoModelForCausalLM
+from nemo_automodel.models import HFAutoModelForCausalLM, HFAutoModelForImageTextToText
 from nemo_automodel.peft import DoRA
 from nemo_automodel.trainer.optim import OptimizerModule
 
@@ -44,6 +44,7 @@ def to_megatron(recipe: run.Partial, tensor_parallel: int = 1, pipeline_parallel
                 context_parallel: int = 1, sequence_parallel: bool = False) -> run.Partial:
     """A copy of ``recipe`` on Megatron-Core: GPT model from the same weights, Megatron optimizer, strategy."""
     check_int("tensor_parallel", tensor_parallel)
+    _refuse_vlm(getattr(recipe, "model", None))
     new = copy.deepcopy(recipe)
     model = _node(new, "model", HFAutoModelForCausalLM, "an HFAutoModelForCausalLM node")
     new.model = _megatron_model(model, tensor_parallel)
@@ -99,6 +100,12 @@ def _trainer(graph: run.Partial) -> fdl.Buildable:
     if not isinstance(trainer, fdl.Buildable):
         raise ConfigError(f"recipe.trainer must be a Trainer node to swap backends, got {_describe(trainer)}")
     return trainer
+
+
+def _refuse_vlm(model: Any) -> None:
+    if isinstance(model, fdl.Buildable) and _is(fdl.get_callable(model), HFAutoModelForImageTextToText):
+        raise ConfigError("to_megatron: vision-language models (HFAutoModelForImageTextToText) have no Megatron-Core "
+                          "path here (out of scope): keep the recipe on the AutoModel path, e.g. trainer.strategy='fsdp2'")
 
 
 def _check_peft(peft: Any) -> None:

@@ -72,9 +72,22 @@ def _video_processor_class(name_or_path: str, trust_remote_code: bool, revision:
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
         cls = PROCESSOR_MAPPING[type(config)]
-    except Exception:  # no config, remote code, a model type without a processor: no fallback
+    except Exception:  # no model config (a saved adapter folder): the library class the processor saved
+        cls = _saved_processor_class(name_or_path, revision)
+    return cls if cls is not None and VIDEO in cls.get_attributes() else None
+
+
+def _saved_processor_class(name_or_path: str, revision: str | None) -> type | None:
+    """The transformers class named by ``processor_class`` in the folder's processor config, or None."""
+    import transformers
+    from transformers import ProcessorMixin
+
+    try:
+        saved, _ = ProcessorMixin.get_processor_dict(name_or_path, revision=revision)
+    except Exception:  # no processor config, remote code: no fallback
         return None
-    return cls if VIDEO in cls.get_attributes() else None
+    cls = getattr(transformers, str(saved.get("processor_class")), None)
+    return cls if isinstance(cls, type) and issubclass(cls, ProcessorMixin) else None
 
 
 def _load_without_video(cls: type[ProcessorMixin], name_or_path: str, trust_remote_code: bool,
