@@ -115,7 +115,7 @@ def test_loss_mask_is_exactly_each_reply_and_its_end_of_turn(encoded):
 def test_no_image_or_pad_position_trains(encoded):
     _, processor, rows, batch = encoded
     image_ids = _image_only_ids(processor, rows)
-    assert set(processor.image_token_ids) <= image_ids  # the derivation found the image tokens
+    assert {processor.image_token_id, *processor.image_token_ids} <= image_ids  # the derivation found them
     trained = batch["labels"][batch["loss_mask"] == 1]
     assert not set(trained.tolist()) & image_ids
 
