@@ -161,7 +161,11 @@ class ImageChatEncoder:
 
     def assistant_spans(self, messages: list[Message], images: list[Any], index: int,
                         full_ids: torch.Tensor) -> list[tuple[int, int]]:
-        """``[start, end)`` token spans of the assistant turns (cached per row index)."""
+        """``[start, end)`` token spans of the assistant turns (cached per row index).
+
+        A closing assistant turn (the usual single-turn row) costs no extra processor call: it ends the
+        row, and its text holds no image, so its tokens are the tokenizer's for that text when they match
+        the row's tail. Other turns are measured by encoding their prefixes with their images."""
         if index in self._spans:
             return self._spans[index]
         spans, n_images = [], 0
@@ -170,10 +174,23 @@ class ImageChatEncoder:
             n_images += sum(p["type"] == "image" for p in message["content"])
             if message["role"] != "assistant":
                 continue
+            if i == len(messages) - 1 and (start := self._closing_start(messages, index, full_ids)) is not None:
+                spans.append((start, len(full_ids)))
+                continue
             start = self._prefix_len(messages[:i], True, images[:before], index, full_ids)
             spans.append((start, self._prefix_len(messages[: i + 1], False, images[:n_images], index, full_ids)))
         self._spans[index] = spans
         return spans
+
+    def _closing_start(self, messages: list[Message], index: int, full_ids: torch.Tensor) -> int | None:
+        """Where a final assistant turn starts, from its text alone; None when its tokens do not end the row."""
+        prompt, full = self.render(messages[:-1], True, index), self.render(messages, False, index)
+        if not full.startswith(prompt):
+            return None
+        tail = torch.tensor(self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"],
+                            dtype=full_ids.dtype)
+        n = len(tail)
+        return len(full_ids) - n if 0 < n <= len(full_ids) and torch.equal(full_ids[-n:], tail) else None
 
     def _prefix_len(self, messages: list[Message], generation: bool, images: list[Any], index: int,
                     full_ids: torch.Tensor) -> int:
