@@ -103,7 +103,7 @@ def save_smollm2_tokenizer(out_dir: str | Path) -> Path:
 
 def smollm2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
     """Cached variant of :func:`save_smollm2_tokenizer` (``<cache>/SmolLM2-135M-Instruct-tokenizer``)."""
-    return _build_once(cache_root(cache_dir) / f"{SMOLLM2_NAME}-tokenizer", save_smollm2_tokenizer)
+    return build_once(cache_root(cache_dir) / f"{SMOLLM2_NAME}-tokenizer", save_smollm2_tokenizer)
 
 
 # ---------------------------------------------------------------------------- model folder
@@ -121,7 +121,7 @@ def smollm2_hf_dir(cache_dir: str | Path | None = None) -> Path:
     Converted once from the gguf (≈ 30 s) into ``<cache>/SmolLM2-135M-Instruct``; later calls
     return at once. The folder only appears complete, through an atomic rename.
     """
-    return _build_once(cache_root(cache_dir) / SMOLLM2_NAME, _convert_smollm2)
+    return build_once(cache_root(cache_dir) / SMOLLM2_NAME, _convert_smollm2)
 
 
 def _convert_smollm2(out: Path) -> None:
@@ -168,7 +168,7 @@ def _locked(lock_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build_once(final: Path, build: Callable[[Path], Any]) -> Path:
+def build_once(final: Path, build: Callable[[Path], Any]) -> Path:
     """Return ``final``, building it first if needed: ``build(tmp)`` then rename ``tmp`` → ``final``."""
     if _is_complete(final):
         return final

@@ -9,11 +9,12 @@ the wheel is installed ``--no-deps`` by ``make venv``. The split is fixed: a see
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nemo_automodel.demo.assets import wheel_file
+from nemo_automodel.demo.assets import build_once, cache_root, wheel_file
 
 if TYPE_CHECKING:
     import datasets
@@ -101,3 +102,15 @@ def greedy_digit_accuracy(model: Any, processor: Any, dataset: datasets.Dataset,
         got = logits.gather(1, (starts - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0].argmax(-1)
         hits += int((got == want).sum())
     return hits / len(dataset)
+
+
+def base_model_dir(family: str = "idefics3", seed: int = 0, cache_dir: str | None = None) -> Path:
+    """A tiny random ``family`` VLM with its processor (``demo/tiny_vlm.py``), built once into the cache.
+
+    No pretrained vision-language model ships inside a PyPI wheel, so the digits recipe starts from random
+    weights: what it shows is that the whole path (images, masking, training the vision tower, saving,
+    reloading) learns to read digits from nothing."""
+    from nemo_automodel.demo.tiny_vlm import build_tiny_vlm
+
+    return build_once(cache_root(cache_dir) / f"tiny-vlm-{family}-{seed}",
+                      lambda out: build_tiny_vlm(family, out, seed=seed))
