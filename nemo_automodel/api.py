@@ -6,11 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-from nemo_automodel.models.hf_causal_lm import HFAutoModelForCausalLM
+from nemo_automodel.contracts import TrainableModel
+from nemo_automodel.errors import ConfigError
 from nemo_automodel.trainer import AutoResume, NeMoLogger, Trainer
 
 
-def finetune(model: HFAutoModelForCausalLM, data, trainer: Trainer, peft=None, optim=None,
+def finetune(model: TrainableModel, data, trainer: Trainer, peft=None, optim=None,
              log: NeMoLogger | None = None, resume: AutoResume | None = None, preflight: bool = False) -> Path:
     """Fine-tune ``model`` on ``data``: LoRA when ``peft`` is given, full SFT when it is None.
 
@@ -25,15 +26,19 @@ def finetune(model: HFAutoModelForCausalLM, data, trainer: Trainer, peft=None, o
 
 def run_preflight(model, data, trainer: Trainer) -> None:
     """The data preflight of a job on every rank (the formatted data is reused by training); rank 0 prints it."""
+    from nemo_automodel.data import HFDatasetDataModule
     from nemo_automodel.data.preflight import preflight
 
+    if not isinstance(data, HFDatasetDataModule):
+        raise ConfigError(f"preflight=True checks text data modules (HFDatasetDataModule), not {type(data).__name__}: "
+                          "set preflight=False (image-text data is checked row by row when the job sets it up)")
     report = preflight(data, model.tokenizer, dp_size=trainer.devices * trainer.num_nodes)
     if int(os.environ.get("RANK", "0")) == 0:
         print(report.render(color=sys.stdout.isatty()), flush=True)
     report.raise_for_problems()
 
 
-def pretrain(model: HFAutoModelForCausalLM, data, trainer: Trainer, optim=None,
+def pretrain(model: TrainableModel, data, trainer: Trainer, optim=None,
              log: NeMoLogger | None = None, resume: AutoResume | None = None) -> Path:
     """Train all weights (typically ``load_pretrained_weights=False``) with loss on every token."""
     return trainer.fit(model, data, peft=None, optim=optim, log=log, resume=resume)
