@@ -144,3 +144,17 @@ def test_cli_run_trains_on_image_paths_and_saves_adapter_with_processor(monkeypa
     assert any(bool(t.abs().sum() > 0) for t in lora_b)  # lora_B starts at zero: the steps trained it
     processor = load_processor(str(adapter))
     assert has_chat_template(processor) and processor.image_processor is not None
+
+
+def test_preflight_refuses_image_text_data_in_one_line(tmp_path):
+    """The data preflight reads text data modules; with image chats it says so before anything loads."""
+    import fiddle as fdl
+
+    from nemo_automodel.errors import ConfigError
+
+    recipe = vlm_recipe.finetune_recipe(model_id=str(tmp_path / "no-model"), dataset=str(tmp_path / "no-data"),
+                                        dir=str(tmp_path / "runs"))
+    recipe.preflight = True
+    with pytest.raises(ConfigError, match=r"preflight=True checks text data modules .*HFImageTextDataModule"):
+        fdl.build(recipe)()
+    assert not (tmp_path / "runs").exists()
