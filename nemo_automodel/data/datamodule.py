@@ -18,7 +18,13 @@ from nemo_automodel.data.collate import collate
 from nemo_automodel.data.formatting import Formatting, check_columns, check_formatting, make_formatter
 from nemo_automodel.data.loading import check_local_source, load_split, open_local, parse_split
 from nemo_automodel.data.rows import Rows, SampleStore, SplitAudit
-from nemo_automodel.data.sampler import MicroBatchSampler, rank_batches
+from nemo_automodel.data.sampler import (
+    MicroBatchSampler,
+    accumulation,
+    check_rank,
+    parse_position,
+    rank_batches,
+)
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 
 if TYPE_CHECKING:  # datasets is imported in setup(): building a graph stays fast
@@ -116,9 +122,7 @@ class HFDatasetDataModule:
     # ---- setup -----------------------------------------------------------------------------
     def setup(self, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1) -> None:
         """Load, map, format, filter and pack; build this rank's sampler. Cheap when repeated."""
-        check_int("dp_size", dp_size, 1)
-        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
-            raise bad_value("dp_rank", dp_rank, f"a rank in 0..{dp_size - 1}")
+        check_rank(dp_rank, dp_size)
         self._dp_rank, self._dp_size = dp_rank, dp_size
         _ = self.accumulate_grad_batches  # raises early when not divisible
         key = (id(tokenizer), len(self._maps), self.split, self.val_split, self.seq_length, self.formatting,
@@ -216,14 +220,7 @@ class HFDatasetDataModule:
     @property
     def accumulate_grad_batches(self) -> int | None:
         """Micro-batches per optimizer step on each rank (None without ``global_batch_size``)."""
-        if self.global_batch_size is None:
-            return None
-        per_step = self.micro_batch_size * self._dp_size
-        if self.global_batch_size % per_step:
-            raise bad_value("global_batch_size", self.global_batch_size,
-                            f"a multiple of micro_batch_size={self.micro_batch_size} x "
-                            f"dp_size={self._dp_size} = {per_step}")
-        return self.global_batch_size // per_step
+        return accumulation(self.global_batch_size, self.micro_batch_size, self._dp_size)
 
     @property
     def train_dataset(self) -> Rows:
@@ -299,10 +296,7 @@ class HFDatasetDataModule:
         if self._sampler is not None:
             self._sampler.load_state_dict(state)
         else:
-            try:
-                self._state = {"epoch": int(state["epoch"]), "batch_in_epoch": int(state["batch_in_epoch"])}
-            except (KeyError, TypeError, ValueError) as e:
-                raise bad_value("data state_dict", state, "{'epoch': int, 'batch_in_epoch': int}") from e
+            self._state = parse_position(state)
 
 
 class SquadHFDataModule(HFDatasetDataModule):

@@ -21,7 +21,13 @@ import torch
 
 from nemo_automodel.data.image_chat import ImageChatEncoder, split_row
 from nemo_automodel.data.loading import check_local_source, load_split, open_local, parse_split
-from nemo_automodel.data.sampler import MicroBatchSampler, rank_batches
+from nemo_automodel.data.sampler import (
+    MicroBatchSampler,
+    accumulation,
+    check_rank,
+    parse_position,
+    rank_batches,
+)
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 
 log = logging.getLogger(__name__)
@@ -94,9 +100,7 @@ class HFImageTextDataModule:
     # ---- setup -----------------------------------------------------------------------------
     def setup(self, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1) -> None:
         """Load and check every row; build this rank's sampler. ``tokenizer`` is the model's processor."""
-        check_int("dp_size", dp_size, 1)
-        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
-            raise bad_value("dp_rank", dp_rank, f"a rank in 0..{dp_size - 1}")
+        check_rank(dp_rank, dp_size)
         self._dp_rank, self._dp_size = dp_rank, dp_size
         _ = self.accumulate_grad_batches
         if getattr(tokenizer, "image_processor", None) is None:
@@ -140,13 +144,7 @@ class HFImageTextDataModule:
     @property
     def accumulate_grad_batches(self) -> int | None:
         """Micro-batches per optimizer step on each rank (None without ``global_batch_size``)."""
-        if self.global_batch_size is None:
-            return None
-        per_step = self.micro_batch_size * self._dp_size
-        if self.global_batch_size % per_step:
-            raise bad_value("global_batch_size", self.global_batch_size,
-                            f"a multiple of micro_batch_size={self.micro_batch_size} x dp_size={self._dp_size} = {per_step}")
-        return self.global_batch_size // per_step
+        return accumulation(self.global_batch_size, self.micro_batch_size, self._dp_size)
 
     @property
     def has_validation(self) -> bool:
@@ -190,4 +188,4 @@ class HFImageTextDataModule:
         if self._sampler is not None:
             self._sampler.load_state_dict(state)
         else:
-            self._state = {"epoch": int(state["epoch"]), "batch_in_epoch": int(state["batch_in_epoch"])}
+            self._state = parse_position(state)

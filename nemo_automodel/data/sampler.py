@@ -13,7 +13,33 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from nemo_automodel.errors import ConfigError, bad_value
+from nemo_automodel.errors import ConfigError, bad_value, check_int
+
+
+def check_rank(dp_rank: int, dp_size: int) -> None:
+    """A data module's ``setup(dp_rank, dp_size)`` arguments, checked in one line."""
+    check_int("dp_size", dp_size, 1)
+    if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
+        raise bad_value("dp_rank", dp_rank, f"a rank in 0..{dp_size - 1}")
+
+
+def accumulation(global_batch_size: int | None, micro_batch_size: int, dp_size: int) -> int | None:
+    """Micro-batches per optimizer step on each rank (None without a global batch size)."""
+    if global_batch_size is None:
+        return None
+    per_step = micro_batch_size * dp_size
+    if global_batch_size % per_step:
+        raise bad_value("global_batch_size", global_batch_size,
+                        f"a multiple of micro_batch_size={micro_batch_size} x dp_size={dp_size} = {per_step}")
+    return global_batch_size // per_step
+
+
+def parse_position(state: Mapping[str, int]) -> dict[str, int]:
+    """A saved data position ``{"epoch", "batch_in_epoch"}`` as ints, or one line saying what it must be."""
+    try:
+        return {"epoch": int(state["epoch"]), "batch_in_epoch": int(state["batch_in_epoch"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad_value("data state_dict", state, "{'epoch': int, 'batch_in_epoch': int}") from e
 
 
 def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
@@ -87,10 +113,7 @@ class MicroBatchSampler:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Resume at the given position (the next ``iter()`` starts there)."""
-        try:
-            epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad_value("data state_dict", dict(state), "{'epoch': int, 'batch_in_epoch': int}") from e
+        epoch, batch = parse_position(state).values()
         if epoch < 0 or batch < 0:
             raise bad_value("data state_dict", dict(state), "non-negative epoch and batch_in_epoch")
         epoch += batch // self.batches_per_epoch
