@@ -161,11 +161,11 @@ class Trainer:
         optim = optim or default_optimizer()
         if self.max_steps > 0:
             optim.check(self.max_steps)
-        model.check(peft, self.strategy)  # e.g. a 4-bit base with no peft: one line before anything loads
         log_cfg = log or NeMoLogger()
         self.run_dir = run_dir = log_cfg.run_dir
         ckpt_root = run_dir / "checkpoints"
         check_trackers(log_cfg.trackers, run_dir)  # package missing, server unreachable: one line, nothing loaded
+        model.check(peft, self.strategy)  # e.g. a 4-bit base with no peft, a VLM checkpoint: reads config.json only
         if needs_launch(self.devices, self.num_nodes):
             if self.num_nodes > 1:
                 raise ConfigError(f"num_nodes={self.num_nodes} needs a launcher on every node: run under torchrun, "
