@@ -7,15 +7,11 @@ The rows (12-40 tokens, one per micro-batch) are mostly not divisible by 2 x 2, 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from harness import ROOT, env, losses
+from harness import launch, losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -23,16 +19,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.distributed, pytest.mark.slow,
 
 WORKER = Path(__file__).with_name("tp2d_worker.py")
 STEPS = 6
-
-
-def _launch(tmp: Path, runs: list[dict], nproc: int) -> None:
-    spec = tmp / f"spec-{time.monotonic_ns()}.json"
-    spec.write_text(json.dumps({"runs": runs}))
-    cmd = ([sys.executable, str(WORKER), str(spec)] if nproc == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            str(WORKER), str(spec)])
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 def _runs(small_model, token_data, tmp: Path, mesh: dict) -> list[dict]:
@@ -45,7 +31,7 @@ def _runs(small_model, token_data, tmp: Path, mesh: dict) -> list[dict]:
 def test_cp2_trains_like_one_gpu(tmp_path, small_model, token_data):
     for name, mesh, nproc in (("cp", {"dp": 1, "tp": 1, "cp": 2}, 2), ("one", {}, 1)):
         (tmp_path / name).mkdir()
-        _launch(tmp_path / name, _runs(small_model, token_data, tmp_path / name, mesh), nproc)
+        launch(tmp_path / name, _runs(small_model, token_data, tmp_path / name, mesh), nproc, worker=WORKER)
     for name in ("lora", "sft"):
         got, want = losses(tmp_path / "cp" / "runs" / name), losses(tmp_path / "one" / "runs" / name)
         assert len(got) == len(want) == STEPS
