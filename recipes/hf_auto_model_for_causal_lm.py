@@ -62,6 +62,14 @@ def trainer(max_steps: int = 100, num_nodes: int = 1, devices: int = 1, strategy
                       log_every_n_steps=log_every_n_steps)
 
 
+def peft_and_lr(peft_scheme: str | None) -> tuple[run.Config | None, float]:
+    """The PEFT node and default learning rate of ``peft_scheme``: ``'lora'`` (1e-4) or None / ``'none'``
+    for full SFT (1e-5)."""
+    if peft_scheme not in ("lora", None, "none"):
+        raise ValueError(f"peft_scheme={peft_scheme!r} is invalid: use 'lora' or None")
+    return (lora(), 1e-4) if peft_scheme == "lora" else (None, 1e-5)
+
+
 def logger(dir: str = "nemo_experiments", name: str = "finetune", every_n_train_steps: int | None = None) -> run.Config:
     return run.Config(NeMoLogger, log_dir=dir, name=name,
                       ckpt=run.Config(ModelCheckpoint, every_n_train_steps=every_n_train_steps))
@@ -76,15 +84,13 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", datas
                     preflight: bool = False) -> run.Partial:
     """LoRA (``peft_scheme='lora'``) or full SFT (``None``) of ``model_id`` on ``dataset``; ``preflight=True``
     checks and prints what the data trains on before any weights load (``nemo_automodel.data.preflight``)."""
-    if peft_scheme not in ("lora", None, "none"):
-        raise ValueError(f"peft_scheme={peft_scheme!r} is invalid: use 'lora' or None")
-    use_lora = peft_scheme == "lora"
+    peft, default_lr = peft_and_lr(peft_scheme)
     return run.Partial(
         api.finetune,
         model=model(model_id),
-        peft=lora() if use_lora else None,
+        peft=peft,
         data=data(dataset, formatting, seq_length, micro_batch_size, global_batch_size),
-        optim=adam.pytorch_adam_with_flat_lr(lr=lr or (1e-4 if use_lora else 1e-5)),
+        optim=adam.pytorch_adam_with_flat_lr(lr=lr or default_lr),
         trainer=trainer(max_steps, num_nodes, num_gpus_per_node, strategy, precision),
         log=logger(dir, name),
         resume=run.Config(AutoResume, resume_if_exists=True),

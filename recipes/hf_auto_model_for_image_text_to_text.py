@@ -22,7 +22,7 @@ from nemo_automodel.data import HFImageTextDataModule
 from nemo_automodel.llm import adam
 from nemo_automodel.models import HFAutoModelForImageTextToText
 from nemo_automodel.trainer import AutoResume
-from recipes.hf_auto_model_for_causal_lm import logger, lora, trainer
+from recipes.hf_auto_model_for_causal_lm import logger, peft_and_lr, trainer
 
 
 def model(model_id: Any, torch_dtype: str = "float32", freeze_vision_tower: bool = True) -> run.Config:
@@ -47,15 +47,13 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolVLM-256M-Instruct",
                     seq_length: int = 1024, micro_batch_size: int = 2, global_batch_size: int = 8,
                     strategy: str | None = None, precision: str = "32") -> run.Partial:
     """LoRA (``peft_scheme='lora'``) or full SFT (``None``) of a vision-language ``model_id`` on ``dataset``."""
-    if peft_scheme not in ("lora", None, "none"):
-        raise ValueError(f"peft_scheme={peft_scheme!r} is invalid: use 'lora' or None")
-    use_lora = peft_scheme == "lora"
+    peft, default_lr = peft_and_lr(peft_scheme)
     return run.Partial(
         api.finetune,
         model=model(model_id),
-        peft=lora() if use_lora else None,
+        peft=peft,
         data=data(dataset, seq_length, micro_batch_size, global_batch_size),
-        optim=adam.pytorch_adam_with_flat_lr(lr=lr or (1e-4 if use_lora else 1e-5)),
+        optim=adam.pytorch_adam_with_flat_lr(lr=lr or default_lr),
         trainer=trainer(max_steps, num_nodes, num_gpus_per_node, strategy, precision),
         log=logger(dir, name),
         resume=run.Config(AutoResume, resume_if_exists=True),
