@@ -88,6 +88,7 @@ class HFImageTextDataModule:
         self.seq_length, self.micro_batch_size, self.global_batch_size = seq_length, micro_batch_size, global_batch_size
         self.messages_column, self.images_column = messages_column, images_column
         self.image_root = Path(image_root).expanduser() if image_root is not None else None
+        self._root = self.image_root  # decided in setup: the data file's folder by default
         self.packed_sequence_size = 0
         self.shuffle, self.seed, self.limit_samples, self.load_kwargs = shuffle, seed, limit_samples, load_kwargs
         self._train = self._val = None
@@ -108,6 +109,7 @@ class HFImageTextDataModule:
                               f"{type(tokenizer).__name__}: pair it with llm.HFAutoModelForImageTextToText")
         if self._processor_id != id(tokenizer):
             self._encoder = ImageChatEncoder(tokenizer, self.seq_length)
+            self._root = self.image_root or _default_root(self.path_or_dataset)
             splits = open_local(self.path_or_dataset, self.load_kwargs)
             self._train = self._prepare(splits, self.split, "split", self.limit_samples)
             self._val = self._prepare(splits, self.val_split, "val_split", None) if self.val_split else None
@@ -133,8 +135,7 @@ class HFImageTextDataModule:
         return ds
 
     def _row(self, ds: Any, i: int) -> tuple[list[dict], list[Any]]:
-        root = self.image_root or _default_root(self.path_or_dataset)
-        return split_row(ds[int(i)], int(i), self.messages_column, self.images_column, root)
+        return split_row(ds[int(i)], int(i), self.messages_column, self.images_column, self._root)
 
     # ---- properties ------------------------------------------------------------------------
     def _require_setup(self) -> None:
