@@ -202,7 +202,7 @@ class _DeleteRunAt:
             MlflowClient(self.uri).delete_run(run_id)
 
 
-def test_mlflow_failure_mid_run_warns_once_and_training_goes_on(sqlite_store, tiny_llama, tmp_path, caplog):
+def test_mlflow_failure_mid_run_warns_once_and_the_run_finishes(sqlite_store, tiny_llama, tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
     uri = sqlite_store
@@ -439,3 +439,20 @@ def test_mlflow_default_store_is_beside_the_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
     assert MLflowLogger().resolved_uri(run_dir) == "http://tracking:5000"
     assert MLflowLogger(tracking_uri="sqlite:///x.db").resolved_uri(run_dir) == "sqlite:///x.db"
+
+
+def test_a_wandb_resume_in_the_second_of_the_last_attempt_waits_for_a_folder_of_its_own(tmp_path):
+    """A resume that starts in the same second as the last attempt would share its offline folder (W&B names it
+    by the second) and replace its records; the logger waits for the next second first."""
+    from datetime import datetime
+
+    from nemo_automodel.trainer.trackers import _next_second_after_attempts
+
+    def stamp():
+        return datetime.now().strftime("%Y%m%d_%H%M%S")
+
+    taken = stamp()
+    (tmp_path / f"offline-run-{taken}-abc123").mkdir()
+    _next_second_after_attempts(tmp_path, "abc123")
+    assert stamp() > taken
+    _next_second_after_attempts(tmp_path, "other")  # another run's folder never holds it back

@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -101,6 +103,8 @@ class WandbLogger(Tracker):
         save_dir = Path(self.save_dir or run_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(mode="offline" if self.offline else "online", silent=True)
+        if self.offline:
+            _next_second_after_attempts(save_dir / "wandb", self.run_id)
         self._run = wandb.init(project=self.project, entity=self.entity, name=self.name or Path(run_dir).name,
                                id=self.run_id, resume="allow", dir=str(save_dir), tags=self.tags or None,
                                group=self.group, settings=settings, reinit="create_new")
@@ -268,6 +272,17 @@ def check_trackers(trackers: list[Tracker], run_dir: Path) -> None:
         return
     for tracker in trackers:
         tracker.check(run_dir)
+
+
+def _next_second_after_attempts(wandb_dir: Path, run_id: str) -> None:
+    """W&B names an offline attempt's folder ``offline-run-<local time to the second>-<id>``: a resume within
+    the second of an earlier attempt would write into its folder and replace its records. Wait (< 1 s) for a
+    second of its own."""
+    def stamp() -> str:
+        return datetime.now().strftime("%Y%m%d_%H%M%S")
+
+    while (wandb_dir / f"offline-run-{stamp()}-{run_id}").exists():
+        time.sleep(0.05)
 
 
 def start_trackers(trackers: list[Tracker], run_dir: Path, params: dict[str, Any], resume_step: int) -> list[Tracker]:
