@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.machinery
 import json
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,45 @@ def require_module(name: str, reason: str):
         return importlib.import_module(name)
     except ImportError:
         unavailable(f"{reason} (cannot import {name})")
+
+
+# file, directory, process and network audit events (PEP 578) `recorded_io` reports
+IO_EVENTS = ("open", "os.listdir", "os.scandir", "os.mkdir", "os.remove", "os.rename", "os.system", "os.posix_spawn",
+             "subprocess.Popen", "socket.connect", "socket.getaddrinfo")
+MODULE_SUFFIXES = tuple(importlib.machinery.all_suffixes())  # what an import reads: .py, .pyc, extension modules
+_recorders: list[tuple[int | None, list]] = []  # (thread id or None for every thread, events) per `recorded_io`
+
+
+def _audit(event: str, args: tuple) -> None:
+    if not _recorders or event not in IO_EVENTS:
+        return
+    target = args[1] if event == "socket.connect" else args[0]
+    if isinstance(target, (bytes, os.PathLike)):
+        target = os.fsdecode(target)
+    if event == "open" and isinstance(target, str) and target.endswith(MODULE_SUFFIXES):
+        return  # an import reading a module file
+    thread = threading.get_ident()
+    for only, events in _recorders:
+        if only in (None, thread):
+            events.append((event, target))
+
+
+sys.addaudithook(_audit)  # a hook cannot be removed: this one records only inside `recorded_io`
+
+
+@contextlib.contextmanager
+def recorded_io(all_threads: bool = False):
+    """The I/O done inside the block, as ``(event, target)``: files opened (other than the module files
+    imports read), directories listed or changed, processes started, sockets connected or names resolved;
+    by the current thread, or by every thread with ``all_threads``. Import what the block uses before it:
+    an import may list new ``sys.path`` folders."""
+    recorder: tuple[int | None, list] = (None if all_threads else threading.get_ident(), [])
+    _recorders.append(recorder)
+    try:
+        yield recorder[1]
+    finally:
+        del _recorders[next(i for i, r in enumerate(_recorders) if r is recorder)]
+
 
 QA = [("What is the capital of France?", "Paris is the capital of France."),
       ("Name a primary colour.", "Red is a primary colour."),

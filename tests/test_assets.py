@@ -9,6 +9,7 @@ import pytest
 
 from nemo_automodel.demo import assets
 from nemo_automodel.errors import ConfigError
+from tests.helpers import recorded_io
 
 FOLDER = assets.SMOLLM2_NAME
 
@@ -203,5 +204,9 @@ def test_smollm2_hf_dir_converts_once_and_answers_paris(tmp_path):
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).is_file(), name
     assert _leftovers(tmp_path) == []
-    assert assets.smollm2_hf_dir(tmp_path) == folder
+    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+    with recorded_io() as events:
+        assert assets.smollm2_hf_dir(tmp_path) == folder
+    assert events == []  # no gguf read, lock taken or file written: not converted again
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()} == files
     assert "Paris" in _greedy_answer(folder, "What is the capital of France?")

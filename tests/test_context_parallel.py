@@ -8,6 +8,10 @@ linear head, no attention), so splitting the sequence by hand is exact and the a
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
@@ -19,6 +23,7 @@ from nemo_automodel.models.loss import masked_cross_entropy
 from nemo_automodel.trainer.context_parallel import check_sdpa, pad_batch, padded_length
 from nemo_automodel.trainer.mesh import coordinates, describe_mesh, mesh_dims, mesh_shape
 from nemo_automodel.trainer.strategy import DDPStrategy, FSDP2Strategy
+from nemo_automodel.trainer.trainer import Trainer
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -124,29 +129,86 @@ def test_shards_are_load_balanced_and_positions_follow_their_tokens():
     assert sum(s["loss_mask"].sum() for s in shards) == batch["loss_mask"].sum()
 
 
+class _CpRank:
+    """Stands in for FSDP2Strategy on one rank of a dp x cp mesh, with the collectives
+    done by hand in one process: ``micro_batch_context`` swaps the batch for this cp rank's shard (as
+    torch's load balancer splits it), ``all_reduce`` adds the other replicas' token counts (what gloo
+    would sum); the logged [loss sum, tokens] stay this rank's and the test adds them up."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, grad_reduce_size: int, cp: int, cp_rank: int, other_tokens: float) -> None:
+        self.grad_reduce_size, self.cp, self.cp_rank, self.other_tokens = grad_reduce_size, cp, cp_rank, other_tokens
+
+    @contextlib.contextmanager
+    def micro_batch_context(self, batch):
+        whole = dict(batch)
+        batch.update(_shards(whole, self.cp)[self.cp_rank])
+        try:
+            yield batch
+        finally:
+            batch.clear()
+            batch.update(whole)
+
+    def all_reduce(self, tensor, world=False):
+        if tensor.dim() == 0:  # the step's token count
+            tensor += self.other_tokens
+        return tensor
+
+    def grad_sync(self, module, sync):
+        return contextlib.nullcontext()
+
+    def sum_sequence_shards(self, tensor):
+        return tensor
+
+
+def _tokens(micro: list[dict[str, torch.Tensor]]) -> float:
+    return sum(float(b["loss_mask"].sum()) for b in micro)
+
+
+def _fsdp_step(model, replicas, cp: int, grad_reduce_size: int) -> tuple[list[torch.Tensor], float]:
+    """``Trainer._train_step`` on every dp x cp rank, each with its own copy of ``model`` and SGD(lr=1):
+    (the weight deltas averaged over the ranks as FSDP averages their gradients, the logged losses' sum)."""
+    trainer = Trainer(max_steps=1)
+    trainer._clip = None
+    trainable = SimpleNamespace(loss=lambda module, b: masked_cross_entropy(module(b["input_ids"]), b["labels"],
+                                                                           b["loss_mask"]))  # model.loss
+    deltas, logged = [], 0.0
+    for dp_rank, micro in enumerate(replicas):
+        others = sum(_tokens(m) for i, m in enumerate(replicas) if i != dp_rank)
+        for cp_rank in range(cp):
+            trainer.strategy = _CpRank(grad_reduce_size, cp, cp_rank, others)
+            module = copy.deepcopy(model)
+            optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            logged += trainer._train_step(trainable, module, optimizer, scheduler, micro)[0]
+            deltas.append([after.detach() - before for after, before in zip(module.parameters(), model.parameters())])
+    return [sum(d) / len(deltas) for d in zip(*deltas)], logged
+
+
 def test_gradient_scale_under_fsdp_averaging_over_dp_times_cp(monkeypatch):
-    """Each of dp x cp ranks backpropagates (its loss sum) x grad_reduce_size / step tokens; FSDP averages
-    the gradients over those ranks: the result is the gradient of the token-mean loss of the whole step."""
+    """The trainer's step on each of dp x cp ranks backpropagates (its loss sum) x grad_reduce_size / step
+    tokens; FSDP averages the gradients over those ranks: the update is SGD on the gradient of the
+    token-mean loss of the whole step, and the logged losses add up to that loss."""
     dp, cp = 2, 2
     strategy = FSDP2Strategy(data_parallel_size=dp, context_parallel_size=cp)
     monkeypatch.setattr(FSDP2Strategy, "dp_size", dp)  # what setup gives on dp x cp ranks
     assert strategy.grad_reduce_size == dp * cp and DDPStrategy().grad_reduce_size == 1
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64))
-    replicas = [_batch(2, 11), _batch(2, 11)]
-    replicas[1]["loss_mask"][1, 5:] = 0  # replicas with different token counts
-    n_tokens = sum(float(b["loss_mask"].sum()) for b in replicas)  # the trainer's all_reduce over dp
+    replicas = [[_batch(2, 11), _batch(1, 11)] for _ in range(dp)]  # two micro-batches per replica
+    replicas[1][0]["input_ids"] = (replicas[1][0]["input_ids"] * 3) % 61 + 2
+    replicas[1][0]["loss_mask"][1, 5:] = 0  # replicas with different token counts
+    whole = [b for micro in replicas for b in micro]
+    step_loss = sum(masked_cross_entropy(model(b["input_ids"]), b["labels"], b["loss_mask"]) for b in whole) \
+        / _tokens(whole)
+    want = [-g for g in torch.autograd.grad(step_loss, list(model.parameters()))]  # SGD(lr=1)'s update
+    assert all(w.abs().sum() > 0 for w in want)
 
-    def loss_sum(b):
-        return masked_cross_entropy(model(b["input_ids"]), b["labels"], b["loss_mask"])
-
-    want = torch.autograd.grad(sum(loss_sum(b) for b in replicas) / n_tokens, list(model.parameters()))
-    scale = strategy.grad_reduce_size / n_tokens
-    per_rank = [torch.autograd.grad(loss_sum(shard) * scale, list(model.parameters()))
-                for b in replicas for shard in _shards(b, cp)]
-    got = [sum(g) / (dp * cp) for g in zip(*per_rank)]  # FSDP's reduce-scatter averages
+    got, logged = _fsdp_step(model, replicas, cp, strategy.grad_reduce_size)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
-    with torch.no_grad():  # the logged loss: shard sums add up (sum_sequence_shards) to the step's loss sum
-        total = sum(float(loss_sum(shard)) for b in replicas for shard in _shards(b, cp))
-        assert total == pytest.approx(sum(float(loss_sum(b)) for b in replicas), rel=1e-5)
+    assert logged == pytest.approx(step_loss.item(), rel=1e-5)  # sum_sequence_shards + all_reduce's sum
+    wrong, _ = _fsdp_step(model, replicas, cp, dp)  # scaled for dp alone: cp ranks' averaging halves it
+    for g, w in zip(wrong, want):
+        torch.testing.assert_close(g, w / cp, rtol=1e-5, atol=1e-7)

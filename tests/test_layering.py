@@ -29,33 +29,55 @@ NOT_FOR_COMPONENTS = ("nemo_automodel.megatron", "nemo_automodel.launch", "nemo_
                       "nemo_automodel.export", "fiddle", "nemo_run")
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_module(name: str) -> bool:
-    path = ROOT.joinpath(*name.split("."))
+def _is_module(name: str, root: Path = ROOT) -> bool:
+    path = root.joinpath(*name.split("."))
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports; ``from pkg import sub`` of a project submodule counts as ``pkg.sub``."""
+def _imports(path: Path, root: Path = ROOT) -> set[str]:
+    """Every module ``path`` imports; ``from pkg import sub`` of a project submodule (under ``root``) counts
+    as ``pkg.sub``."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             subs = {f"{node.module}.{a.name}" for a in node.names}
-            found.update(s for s in subs if _is_module(s))
-            if not all(_is_module(s) for s in subs):
+            found.update(s for s in subs if _is_module(s, root))
+            if not all(_is_module(s, root) for s in subs):
                 found.add(node.module)
     return found
 
 
-def _graph() -> dict[str, set[str]]:
-    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
-    return {mod: {i for i in _imports(path) if i in files and i != mod} for mod, path in files.items()}
+def _graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """module -> the modules of ``packages`` (under ``root``) it imports, at top level or inside functions."""
+    files = {_module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
+    return {mod: {i for i in _imports(path, root) if i in files and i != mod} for mod, path in files.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles a depth-first search meets, each as a path ``[a, ..., a]``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    return cycles
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -82,26 +104,26 @@ def test_components_know_no_backend_launcher_or_fiddle():
 def test_no_import_cycles():
     graph = _graph()
     assert len(graph) > 50
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    cycles = []
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
-            elif nxt not in state:
-                visit(nxt, path + [nxt])
-        state[node] = 2
-
-    for mod in sorted(graph):
-        if mod not in state:
-            visit(mod, [mod])
-    assert cycles == []
+    assert _cycles(graph) == []
 
 
-def test_layering_check_sees_a_violation(tmp_path):
-    """The checks above can fail: a cycle and a facade import written to a file are found."""
+def test_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    """The cycle check can fail: a package where ``a`` imports ``b`` and ``b`` imports ``a`` inside a function."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg import b\n")
+    (pkg / "b.py").write_text("import os\n\n\ndef f():\n    import pkg.a\n    return pkg.a, os\n")
+    (pkg / "c.py").write_text("from pkg.a import b\n")  # imports into the cycle, is not on it
+    graph = _graph(tmp_path, ("pkg",))
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "pkg.c": {"pkg.a"}}
+    assert _cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+    (pkg / "b.py").write_text("import os\n")
+    assert _cycles(_graph(tmp_path, ("pkg",))) == []
+
+
+def test_import_reader_sees_a_facade_import(tmp_path):
+    """The layering checks can fail: a facade import written to a file is found."""
     bad = tmp_path / "bad.py"
     bad.write_text("import nemo_automodel.llm\nfrom nemo_automodel.trainer import trainer, Trainer\n")
     assert _imports(bad) == {"nemo_automodel.llm", "nemo_automodel.trainer.trainer", "nemo_automodel.trainer"}

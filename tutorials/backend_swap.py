@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fiddle as fdl
 import torch
+from nemo_run.core.serialization.yaml import YamlSerializer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -93,6 +94,9 @@ show("strategy", megatron.trainer.strategy)
 back = to_automodel(megatron)
 back.log.name = "swap-automodel"
 print("to_automodel(to_megatron(recipe)) == recipe:", back == auto)
+for name, graph in (("recipe", auto), ("megatron", megatron), ("round-trip", back)):
+    (OUT / f"swap-{name}.yaml").write_text(YamlSerializer().serialize(graph))
+print(f"graphs written as YAML (what NeMo-Run records for a job): {OUT}/swap-{{recipe,megatron,round-trip}}.yaml")
 
 # %% [markdown]
 # ## 3. Train both

@@ -164,8 +164,8 @@ tuned_tokenizer = AutoTokenizer.from_pretrained(saved_dir)
 trained = model.model.cpu().eval()  # the in-memory model that finished training (it may sit on a GPU)
 ids = tokenizer(tokenizer.apply_chat_template(dataset[0]["messages"], tokenize=False), return_tensors="pt")["input_ids"]
 with torch.no_grad():
-    same = torch.equal(tuned(input_ids=ids).logits, trained(input_ids=ids).logits)
-print(f"reloaded model == trained model: {same}")
+    gap = (tuned(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max().item()
+print(f"reloaded model vs. trained model: max |logit difference| {gap}")
 base_weights = base.state_dict()
 changed = [name for name, w in tuned.state_dict().items() if not torch.equal(w, base_weights[name])]
 drift = max((tuned.state_dict()[n] - base_weights[n]).norm().item() / (base_weights[n].norm().item() + 1e-12)

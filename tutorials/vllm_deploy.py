@@ -123,13 +123,16 @@ for prompt, tuned, base in zip(prompts, adapter_out, base_out, strict=True):
 tokenizer = AutoTokenizer.from_pretrained(adapter_export)
 tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(manifest["model"], dtype=torch.float32),
                                   adapter_export / "adapter").eval()
-same = 0
+replies = []  # the three replies' token ids per prompt, kept in vllm-replies.json
 for completion, merged in zip(adapter_out, merged_out, strict=True):
     ids = torch.tensor([completion.prompt_token_ids])
     with torch.no_grad():
         out = tuned.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
                              pad_token_id=tokenizer.pad_token_id)
-    same += out[0, ids.shape[1]:].tolist() == completion.token_ids == merged.token_ids
+    replies.append({"prompt_token_ids": completion.prompt_token_ids, "transformers": out[0, ids.shape[1]:].tolist(),
+                    "vllm_adapter": completion.token_ids, "vllm_merged": merged.token_ids})
+(OUT / "vllm-replies.json").write_text(json.dumps(replies))
+same = sum(r["transformers"] == r["vllm_adapter"] == r["vllm_merged"] for r in replies)
 print(f"{same}/{len(prompts)} replies equal token for token (transformers+peft, vLLM+LoRARequest, vLLM merged)")
 
 # %% [markdown]

@@ -9,7 +9,7 @@ import pytest
 
 from recipes import hf_auto_model_for_causal_lm as hf_recipe
 from recipes.cli import main
-from tests.helpers import require_module
+from tests.helpers import recorded_io, require_module, train_losses
 
 PWNED = Path("/tmp/nemo-automodel-pwned")
 
@@ -104,9 +104,14 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, args, message):
 def test_no_executor_trains_in_this_process(monkeypatch, capsys, tiny_llama, chat_file, tmp_path):
     from tests.executors.cli_helpers import tiny_args
 
-    code, out, err = cli(monkeypatch, capsys, *tiny_args(tiny_llama, chat_file, tmp_path, "direct"), "--yes")
+    with recorded_io(all_threads=True) as events:
+        code, out, err = cli(monkeypatch, capsys, *tiny_args(tiny_llama, chat_file, tmp_path, "direct"),
+                             "optim.optimizer_fn.lr=1e-2", "--yes")
     assert code == 0, err
+    assert [target for event, target in events if event == "subprocess.Popen"] == []  # no job was launched
     assert (tmp_path / "direct" / "checkpoints" / "last" / "hf_adapter").is_dir()
+    losses = train_losses(tmp_path / "direct")  # at lr 1e-2: 10.77 -> 10.35 in 3 steps
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.1, losses
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,5 +21,9 @@ def test_vllm_deploy_tutorial(vllm_python, sft_export, tmp_path):
     assert proc.returncode == 0, f"exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     out = proc.stdout
     assert "3/3 replies equal token for token" in out, out
+    replies = json.loads((tmp_path / "vllm-replies.json").read_text())  # the token ids behind that line
+    assert len(replies) == 3 and all(r["prompt_token_ids"] and r["transformers"] for r in replies), replies
+    for reply in replies:  # greedy transformers+peft, vLLM with the LoRARequest and vLLM on the merged export
+        assert reply["transformers"] == reply["vllm_adapter"] == reply["vllm_merged"], reply
     assert "ConfigError: checkpoint=" in out and "is incomplete (no meta.json)" in out, out
     assert f"make serve EXPORT={tmp_path / 'vllm-adapter'}" in out and "--enable-lora" in out, out

@@ -65,7 +65,7 @@ def test_same_seed_same_logits_other_seed_other_logits(family, tiny_vlm_dir, dig
 
 
 @FAMILIES
-def test_chat_template_expands_the_image_and_trains(family, tiny_vlm_dir, digit_image):
+def test_chat_template_expands_the_image_and_backpropagates(family, tiny_vlm_dir, digit_image):
     model, processor = _load(tiny_vlm_dir(family))
     batch, labels = _batch(processor, digit_image, model)
     tokens, extra = EXPECTED[family]
