@@ -1,4 +1,6 @@
-"""The recipe under NeMo-Run's ``LocalExecutor(ntasks_per_node=2, launcher="torchrun")``: DDP and FSDP2."""
+"""The recipe through NeMo-Run's Python API, ``run.run(recipe, executor=LocalExecutor(ntasks_per_node=2,
+launcher="torchrun"))``, with FSDP2. DDP on the same executor is the recipe-file run checked in
+tests/executors/test_executors_local.py (the session's ``local_ddp_run``)."""
 
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ def _chat_file(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_recipe_trains_on_two_torchrun_ranks(strategy, tiny_llama, tmp_path, monkeypatch):
+def test_recipe_trains_on_two_torchrun_ranks_with_fsdp2(tiny_llama, tmp_path, monkeypatch):
     import nemo_run as run
 
     from recipes import hf_auto_model_for_causal_lm as hf
 
+    strategy = "fsdp2"
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))
     recipe = hf.finetune_recipe(model_id=str(tiny_llama), dataset=str(_chat_file(tmp_path / "chat.jsonl")),
                                 formatting="chat", dir=str(tmp_path / "runs"), name=strategy, max_steps=3,

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import fiddle as fdl
+import torch
 from datasets import Dataset
 
 from nemo_automodel import lightning as nl
@@ -23,6 +24,19 @@ CONVERSATION = [{"role": "system", "content": "You answer in one sentence."},
                 {"role": "user", "content": "Which animal barks?"}, {"role": "assistant", "content": "A dog barks."},
                 {"role": "user", "content": "What do bees make?"}]
 MAX_TOKENS = 24
+GREEDY_MARGIN = 1e-3  # transformers' top-1 minus top-2 logit at every greedy step; vLLM's fp32 differs by ~1e-5
+
+
+@torch.no_grad()
+def clear_greedy(model, inputs: dict, max_new_tokens: int, pad_token_id: int, what: str) -> list[int]:
+    """transformers' greedy tokens after ``inputs`` (up to EOS), asserting that top-1 leads top-2 by more than
+    ``GREEDY_MARGIN`` at every step: at a near-tie, exact parity with another engine would be luck."""
+    gen = model.eval().generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, output_scores=True,
+                                return_dict_in_generate=True, pad_token_id=pad_token_id)
+    top2 = torch.stack([s[0].topk(2).values for s in gen.scores])
+    margin = (top2[:, 0] - top2[:, 1]).min().item()
+    assert margin > GREEDY_MARGIN, f"{what}: a greedy step's top-2 margin is {margin:.1e}: parity would be luck"
+    return gen.sequences[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def vllm_python_path() -> Path:

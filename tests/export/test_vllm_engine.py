@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_support import CONVERSATION, MAX_TOKENS, PROMPTS, ROOT, ROTATED
+from export_support import CONVERSATION, MAX_TOKENS, PROMPTS, ROOT, ROTATED, clear_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nemo_automodel.data import chat_tokens
@@ -30,16 +30,15 @@ def training_prompt(messages: list[dict], tokenizer) -> list[int]:
     return ids[:last_reply]
 
 
-@torch.no_grad()
 def hf_greedy(model, tokenizer, prompts: list, max_new_tokens: int = MAX_TOKENS) -> list[list[int]]:
-    """transformers' greedy continuation of each training-formatted prompt (stops at EOS like vLLM)."""
+    """transformers' greedy continuation of each training-formatted prompt (stops at EOS like vLLM), no
+    step a near-tie (``clear_greedy``)."""
     outs = []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = torch.tensor([training_prompt(messages, tokenizer)])
-        out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        outs.append(out[0, ids.shape[1]:].tolist())
+        outs.append(clear_greedy(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens,
+                                 tokenizer.pad_token_id, f"prompt {prompt!r}"))
     return outs
 
 

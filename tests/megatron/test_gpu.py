@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import require_module
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.parametrize("megatron_strategy", ["gpu"], indirect=True)]
 
@@ -44,7 +46,7 @@ def test_cuda_runs_unpatched_and_matches_hf(megatron_strategy, tmp_path):
 
 
 def test_transformer_engine_layer_spec_builds(megatron_strategy):
-    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
+    require_module("transformer_engine", "Transformer Engine (not in make gpu-extras)")
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 

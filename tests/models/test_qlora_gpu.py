@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import require_module
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -25,8 +27,7 @@ def llama_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_qlora_trains_on_cuda(llama_dir, quant_type):
-    pytest.importorskip("bitsandbytes", reason="pip install '.[qlora]'")
-    import bitsandbytes as bnb
+    bnb = require_module("bitsandbytes", "bitsandbytes: make venv, or make gpu-extras on a GPU")
 
     from nemo_automodel.models import HFAutoModelForCausalLM
     from nemo_automodel.peft import LoRA

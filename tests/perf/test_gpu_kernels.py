@@ -1,6 +1,7 @@
 """Fused kernels on CUDA: liger-kernel and cut-cross-entropy give the plain loss and gradients.
 
-Self-contained (imports only nemo_automodel.models) so the device check can run this file alone.
+Self-contained (imports only nemo_automodel.models and tests.helpers) so the device check can run this
+file alone; ``make gpu-extras`` installs the two packages there.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from nemo_automodel.models import HFAutoModelForCausalLM
+from tests.helpers import require_module
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -42,7 +44,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     ({"chunked_loss": "cce"}, "float32", "cce"),  # CCE's backward needs bf16: runs the chunked torch loss
 ])
 def test_fused_loss_equals_plain_on_cuda(option, dtype, impl, llama_dir):
-    pytest.importorskip("liger_kernel" if impl == "liger" else "cut_cross_entropy")
+    require_module("liger_kernel" if impl == "liger" else "cut_cross_entropy", "make gpu-extras installs it")
     ids = torch.randint(0, 1000, (2, 32), device="cuda")
     batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "loss_mask": torch.ones(2, 32, device="cuda")}
     plain = HFAutoModelForCausalLM(str(llama_dir), torch_dtype=dtype)

@@ -17,6 +17,7 @@ from nemo_automodel.peft import LoRA
 from nemo_automodel.plan import Job, accounting, estimate, parse_memory, plan
 from nemo_automodel.plan.accounting import ACTIVATION_ROW, GRADIENTS, LOGITS_ROW, OPTIMIZER, WEIGHTS
 from nemo_automodel.plan.recommend import recommend
+from tests.helpers import require_module
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
@@ -284,7 +285,7 @@ def test_plan_recipe_reads_the_graph(model_dir):
 
 
 def test_plan_recipe_refuses_the_megatron_path(model_dir):
-    pytest.importorskip("megatron.core")
+    require_module("megatron.core", "megatron-core is installed by make venv (--no-deps)")
     from nemo_automodel.launch.plan_recipe import plan_recipe
     from recipes import hf_auto_model_for_causal_lm as hf_recipe
 

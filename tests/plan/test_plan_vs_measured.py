@@ -23,6 +23,7 @@ import pytest
 from nemo_automodel.peft import LoRA
 from nemo_automodel.plan import Job, estimate
 from nemo_automodel.plan.accounting import OPTIMIZER, WEIGHTS
+from tests.helpers import require_module
 from tests.plan.measure_step import LORA, config
 
 pytestmark = pytest.mark.slow
@@ -35,26 +36,14 @@ CASES += [dict(arch="llama", lora=True, ckpt=False, seq=1024, precision="bf16-mi
 TOLERANCE = 0.15
 
 
-def _cases() -> list[dict]:
-    """The cases this checkout can run (QLoRA needs bitsandbytes and the model's ``quantization``)."""
-    import importlib.util
-    import inspect
-
-    from nemo_automodel.models import HFAutoModelForCausalLM
-
-    qlora = importlib.util.find_spec("bitsandbytes") is not None and \
-        "quantization" in inspect.signature(HFAutoModelForCausalLM).parameters
-    return [c for c in CASES if qlora or not c.get("quantization")]
-
-
 @pytest.fixture(scope="module")
 def measured() -> list[dict]:
-    cases = _cases()
+    require_module("bitsandbytes", "the QLoRA case needs bitsandbytes: make venv installs '.[qlora]'")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "plan" / "measure_step.py"), json.dumps(cases)],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "plan" / "measure_step.py"), json.dumps(CASES)],
                           capture_output=True, text=True, env=env, timeout=1500)
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and len(results) == len(cases), proc.stderr[-3000:]
+    assert proc.returncode == 0 and len(results) == len(CASES), proc.stderr[-3000:]
     return results
 
 
