@@ -17,7 +17,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast lint bench bench-memory bench-gpu clean engines
+.PHONY: help venv demo test test-fast lint bench bench-memory bench-gpu clean engines gpu-wheels gpu-extras
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,12 +37,15 @@ demo: $(STAMP)  ## LoRA-fine-tune SmolLM2-135M-Instruct on real chat data, offli
 # The llama.cpp checks (marker llamacpp) have a target of their own: `make gguf-llamacpp`.
 # Outside CI an engine that cannot start (not root, no apt) makes its tests skip with the reason; under
 # .ci/run (NEMO_AUTOMODEL_STRICT=1) it fails the run, and so does any test that would have skipped.
+# Two xdist workers (TEST_WORKERS) take whole files (--dist loadfile, so a file's fixtures are built once); a
+# test that starts processes of its own runs alone (tests/parallel.py). --durations shows where the time goes.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(VLLM_STAMP)  ## run the whole suite (what CI runs): builds the vLLM venv and starts Slurm + dockerd first
 	$(MAKE) --no-print-directory engines || [ "$$NEMO_AUTOMODEL_STRICT" != 1 ]
-	$(PYTEST) -m "not llamacpp" tests
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not llamacpp" tests
 
 test-fast: $(STAMP)  ## the quick inner-loop subset (no slow/distributed/engine tests)
-	$(PYTEST) -m "$(FAST)" tests
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "$(FAST)" tests
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check nemo_automodel recipes executors tests benchmarks tutorials
@@ -66,6 +69,27 @@ engines:  ## start (installing if needed; root) the local Slurm cluster and dock
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The gpu tests' packages (tests/perf/test_gpu_kernels.py, tests/megatron/test_gpu.py, tests/models/test_qlora_gpu.py;
+# 47 MB of wheels), installed --no-deps into a python that already holds a CUDA torch and triton: their declared
+# deps would replace that torch (and triton has no CPU driver, so none of this belongs in `make venv`). A GPU
+# machine that reaches no registry: `make gpu-wheels` where pip works, bring .whl/ along, `make gpu-extras` there.
+# Left out: Transformer Engine (a 276 MB transformer-engine-cu13 wheel, and its torch part is a source build
+# against the local torch), so test_transformer_engine_layer_spec_builds still wants a hand install.
+GPU_PY     ?= python3
+GPU_PYVER  ?= 3.12
+GPU_EXTRAS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 bitsandbytes==0.50.2 megatron-core==0.16.1
+GPU_WHEELS ?= .whl
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+
+gpu-wheels:  ## download the gpu-extras wheels (cp312 Linux x86-64) to .whl/ for a GPU machine that reaches no registry
+	$(PY_SYS) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYVER) \
+		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS) $(GPU_EXTRAS)
+
+gpu-extras:  ## on a CUDA machine: install liger-kernel, cut-cross-entropy, bitsandbytes, megatron-core into GPU_PY (python3), keeping its torch
+	$(GPU_PY) -m pip install -q --no-deps $(if $(wildcard $(GPU_WHEELS)/*.whl),--no-index --find-links $(GPU_WHEELS)) \
+		$(GPU_EXTRAS)
+	$(GPU_PY) -c "import torch, liger_kernel, cut_cross_entropy, bitsandbytes, megatron.core; assert torch.cuda.is_available()"
 
 PORT ?= 8000
 .PHONY: vllm-venv serve

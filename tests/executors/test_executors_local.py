@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import nemo_run as run
 import pytest
@@ -12,26 +13,29 @@ import executors
 from nemo_automodel.launch.experiment import Experiment, JobFailed
 from tests.executors import jobs
 from tests.executors.cli_helpers import ROOT, explain, run_cli, tiny_args
+from tests.helpers import metrics
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.mark.distributed
-def test_recipe_file_on_local_torchrun_with_two_ranks(tiny_llama, chat_file, tmp_path, nemorun_home):
-    out = tmp_path / "runs"
-    proc = run_cli(*tiny_args(tiny_llama, chat_file, out, "ddp"), "executor=local", "executor.ntasks_per_node=2",
-                   "trainer.strategy=ddp", "--name", "local-ddp", "--yes")
-    assert proc.returncode == 0, explain(proc)
-    last = out / "ddp" / "checkpoints" / "last"
+def test_recipe_file_on_local_torchrun_with_two_ranks(local_ddp_run):
+    """The session's one local torchrun x2 DDP run of the recipe file (also the Slurm/Docker reference)."""
+    run_dir, stdout, home = local_ddp_run
+    last = run_dir / "checkpoints" / "last"
     meta = json.loads((last / "meta.json").read_text())
-    assert meta["step"] == 3 and meta["peft"] is True
+    assert meta["step"] == 3 and meta["world_size"] == 2 and meta["peft"] is True
     assert (last / "trainer-rank0.pt").is_file() and (last / "trainer-rank1.pt").is_file()  # 2 ranks saved
-    assert "local-ddp: SUCCEEDED" in proc.stdout
-    logs = list((nemorun_home / "experiments" / "local-ddp").glob("*/local-ddp/**/combined.log"))
+    assert (last / "hf_adapter" / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+    assert "local-ref: SUCCEEDED" in stdout
+    logs = list((home / "experiments" / "local-ref").glob("*/local-ref/**/combined.log"))
     assert logs and "nproc_per_node=2" in logs[0].read_text()
 
 
+@pytest.mark.distributed  # two training processes at once
 def test_sweep_runs_the_product_in_parallel_and_writes_a_summary(tiny_llama, chat_file, tmp_path, nemorun_home):
+    """In parallel: each job was launched (NeMo-Run makes its log folder then) before the other had trained."""
     out, summary = tmp_path / "runs", tmp_path / "summary.md"
     proc = run_cli(*tiny_args(tiny_llama, chat_file, out, "sw", steps=2), "optim.optimizer_fn.lr=[1e-4,1e-2]",
                    "peft.dim=[4]", "run.sequential=False", f"run.summary={summary}", "--name", "sweep", "--yes")
@@ -43,6 +47,16 @@ def test_sweep_runs_the_product_in_parallel_and_writes_a_summary(tiny_llama, cha
         assert "SUCCEEDED" in row and str(out / f"sw-{name}") in row
         assert (out / f"sw-{name}" / "checkpoints" / "last" / "meta.json").is_file()
     assert "final metrics" in proc.stdout and table[0] in proc.stdout
+    launched, trained = zip(*(_launched_and_trained(nemorun_home / "experiments" / "sweep", out / f"sw-{name}", name)
+                              for name in ("lr-1e-4_dim-4", "lr-1e-2_dim-4")))
+    assert max(launched) < min(trained), (launched, trained)
+
+
+def _launched_and_trained(experiment: Path, run_dir: Path, name: str) -> tuple[float, float]:
+    """When a sweep job's process started (the mtime of its log folder, made with its three log files at
+    launch) and when it wrote its last checkpoint."""
+    logs = next(experiment.glob(f"*/{name}/nemo_run/*/{name}/0"))
+    return logs.stat().st_mtime, (run_dir / "checkpoints" / "last" / "meta.json").stat().st_mtime
 
 
 def test_sweep_with_shell_metacharacters_in_values_runs_them_as_data(tiny_llama, chat_file, tmp_path, nemorun_home):

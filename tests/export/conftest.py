@@ -21,6 +21,7 @@ from export_support import (
 from nemo_automodel import llm
 from nemo_automodel.export import Job, export, generate_jobs
 from tests.helpers import chat_dataset, unavailable
+from tests.parallel import shared_build
 
 
 @pytest.fixture(scope="session")
@@ -36,24 +37,30 @@ def head64_base(tmp_path_factory, tokenizer) -> Path:
     """A random tied-embedding Llama (head_dim 64) with SmolLM2's real tokenizer and chat template."""
     import transformers
 
-    out = tmp_path_factory.mktemp("head64-llama")
-    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **HEAD64,
-                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    def build(out: Path) -> None:
+        cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **HEAD64,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return shared_build(tmp_path_factory, "export-head64-llama", build)
 
 
+# The runs and exports below serve test files that xdist may hand to different workers: each is built once
+# per `make test` (tests/parallel.py) and read by both.
 @pytest.fixture(scope="session")
 def sft_run(head64_base, tmp_path_factory) -> Path:
     """Full SFT until the model has memorized the QA replies (``finetune`` checks the loss)."""
-    return finetune(head64_base, tmp_path_factory.mktemp("runs"), "sft", chat_dataset(), steps=100, lr=3e-3)
+    runs = shared_build(tmp_path_factory, "export-sft-run",
+                        lambda out: finetune(head64_base, out, "sft", chat_dataset(), steps=100, lr=3e-3))
+    return runs / "sft"
 
 
 @pytest.fixture(scope="session")
 def sft_export(sft_run, tmp_path_factory) -> Path:
-    return export(sft_run, tmp_path_factory.mktemp("exports") / "sft-merged")
+    return shared_build(tmp_path_factory, "export-sft-merged", lambda out: export(sft_run, out / "sft-merged")) \
+        / "sft-merged"
 
 
 @pytest.fixture(scope="session")
@@ -61,17 +68,21 @@ def lora_run(sft_export, tmp_path_factory) -> Path:
     """LoRA on top of the SFT model, trained on 2 FSDP2 processes (a sharded checkpoint) until it gives
     each QA question the next question's answer."""
     lora = llm.peft.LoRA(target_modules=["*_proj"], dim=8, alpha=32)
-    run = finetune(sft_export, tmp_path_factory.mktemp("runs"), "lora", rotated_dataset(), steps=40, lr=1e-2,
-                   peft=lora, micro_batch_size=4, devices=2, strategy="fsdp2")
+    run = shared_build(tmp_path_factory, "export-lora-run",
+                       lambda out: finetune(sft_export, out, "lora", rotated_dataset(), steps=40, lr=1e-2, peft=lora,
+                                            micro_batch_size=4, devices=2, strategy="fsdp2")) / "lora"
     assert json.loads((run / "checkpoints" / "last" / "meta.json").read_text())["world_size"] == 2
     return run
 
 
 @pytest.fixture(scope="session")
 def lora_exports(lora_run, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("exports")
-    return {"adapter": export(lora_run, out / "lora-adapter", mode="adapter"),
-            "merged": export(lora_run / "checkpoints" / "last", out / "lora-merged", mode="merged")}
+    def build(out: Path) -> None:
+        export(lora_run, out / "lora-adapter", mode="adapter")
+        export(lora_run / "checkpoints" / "last", out / "lora-merged", mode="merged")
+
+    out = shared_build(tmp_path_factory, "export-lora-exports", build)
+    return {"adapter": out / "lora-adapter", "merged": out / "lora-merged"}
 
 
 @pytest.fixture(scope="session")

@@ -7,18 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.parallel import shared_build
+
 
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory) -> Callable[..., Path]:
-    """``tiny_vlm_dir(family, seed=0)``: the folder of that tiny VLM, built on first use."""
+    """``tiny_vlm_dir(family, seed=0)``: the folder of that tiny VLM, built on first use (once per run, shared
+    by the xdist workers)."""
     from nemo_automodel.demo.tiny_vlm import build_tiny_vlm
 
-    built: dict[tuple[str, int], Path] = {}
-
     def get(family: str, seed: int = 0) -> Path:
-        if (family, seed) not in built:
-            built[family, seed] = build_tiny_vlm(family, tmp_path_factory.mktemp(f"vlm-{family}-{seed}"), seed=seed)
-        return built[family, seed]
+        return shared_build(tmp_path_factory, f"vlm-{family}-{seed}", lambda out: build_tiny_vlm(family, out, seed=seed))
 
     return get
 
