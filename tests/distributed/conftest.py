@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import STEPS, launch
+from harness import SGD, STEPS, launch
 
 from tests.helpers import write_token_rows
 
@@ -43,6 +43,13 @@ def config(small_model, token_data) -> dict[str, dict]:
             "single-sft": base, "single-lora": {**base, "peft": True}}
 
 
+def _sgd(tmp: Path, sft: dict, lora: dict | None = None) -> list[dict]:
+    """SGD runs ``sgd-{kind}`` (out/init.pt, out/final.pt) of the full SFT set-up and, given ``lora``, LoRA and DoRA."""
+    kinds = {"sft": sft, **({"lora": lora, "dora": {**lora, "peft": "dora"}} if lora else {})}
+    return [{**cfg, **SGD, "log_dir": str(tmp / "runs"), "name": f"sgd-{kind}", "out": str(tmp / f"sgd-{kind}")}
+            for kind, cfg in kinds.items()]
+
+
 def _trio(cfg: dict, tmp: Path, kind: str, stop: int) -> list[dict]:
     """An uninterrupted run, then one stopped at ``stop`` and resumed in the same run directory."""
     common = {**cfg, "log_dir": str(tmp / "runs")}
@@ -53,32 +60,35 @@ def _trio(cfg: dict, tmp: Path, kind: str, stop: int) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def ddp(tmp_path_factory, config) -> Path:
-    """torchrun x2, DDP full SFT (also counting gradient all-reduces and saving each rank's weights)."""
+    """torchrun x2, DDP full SFT (also counting gradient all-reduces and saving each rank's weights), and its
+    SGD run."""
     tmp = tmp_path_factory.mktemp("ddp")
     runs = _trio(config["ddp-sft"], tmp, "sft", 3)
     runs[0].update(count_syncs=True, per_rank=True)
-    launch(tmp, runs)
+    launch(tmp, runs + _sgd(tmp, config["ddp-sft"]))
     return tmp
 
 
 @pytest.fixture(scope="session")
 def fsdp2(tmp_path_factory, config) -> Path:
-    """torchrun x2, FSDP2: LoRA (stop at 3) and full SFT with accumulation (stop at 5)."""
+    """torchrun x2, FSDP2: LoRA (stop at 3) and full SFT with accumulation (stop at 5); SGD runs of SFT,
+    LoRA and DoRA."""
     tmp = tmp_path_factory.mktemp("fsdp2")
-    launch(tmp, _trio(config["fsdp2-lora"], tmp, "lora", 3) + _trio(config["fsdp2-sft"], tmp, "sft", 5))
+    launch(tmp, _trio(config["fsdp2-lora"], tmp, "lora", 3) + _trio(config["fsdp2-sft"], tmp, "sft", 5)
+           + _sgd(tmp, config["fsdp2-sft"], config["fsdp2-lora"]))
     return tmp
 
 
 @pytest.fixture(scope="session")
 def single(tmp_path_factory, config, fsdp2) -> Path:
-    """One process: the single-device references, and FSDP2's step-5 checkpoint resumed on 1 rank."""
+    """One process: the single-device references (SGD ones too), and FSDP2's step-5 checkpoint resumed on 1 rank."""
     tmp = tmp_path_factory.mktemp("single")
     saved_on_2 = fsdp2 / "runs" / "sft-split" / "checkpoints" / "step-000005"
     common = {"log_dir": str(tmp / "runs")}
     launch(tmp, [{**config["single-sft"], **common, "name": "sft-full", "out": str(tmp / "sft-full")},
                  {**config["single-lora"], **common, "name": "lora-full", "out": str(tmp / "lora-full")},
                  {**config["single-sft"], **common, "name": "from-2-ranks", "resume_from": str(saved_on_2),
-                  "out": str(tmp / "from-2-ranks")}], nproc=1)
+                  "out": str(tmp / "from-2-ranks")}, *_sgd(tmp, config["single-sft"], config["single-lora"])], nproc=1)
     return tmp
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 WORKER = Path(__file__).with_name("worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8  # 16 rows / global batch 4 = 4 steps per epoch: 8 steps cross an epoch boundary
+# a worker run's keys for 2 plain-SGD steps without dropout: its weights show a wrong gradient scale (assert_sgd_equal)
+SGD = {"optim": "sgd", "lr": 1.0, "steps": 2, "dropout": 0.0}
 
 
 def env() -> dict:
@@ -86,6 +88,29 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def assert_sgd_equal(got: dict, ref: dict, init: dict, what: str, below: float = 1e-2) -> None:
+    """Weights after plain-SGD steps on N ranks (``got``) against one process (``ref``), both from ``init``:
+    their difference must stay under ``below`` x what a halved gradient would make (half the single process's
+    update ``ref - init``), so a wrong gradient scale cannot pass."""
+    diff, halved = max_diff(got, ref), max_diff(ref, {k: init[k] for k in ref}) / 2
+    print(f"{what}: plain SGD, max weight difference vs one process {diff:.2e}; "
+          f"a halved gradient would make ~{halved:.2e} (ratio {diff / halved:.1e})")
+    assert halved > 1e-3, halved  # the step moved the weights
+    assert diff < below * halved, (diff, halved)
+
+
+def assert_sgd_runs_equal(got: Path, ref: Path, what: str, weights: str = "final.pt") -> None:
+    """``assert_sgd_equal`` on the ``out`` folders of two SGD runs (``weights`` and ``init.pt``, which must be equal)."""
+    import torch
+
+    def load(path: Path) -> dict:
+        return torch.load(path, weights_only=True)
+
+    init = load(ref / "init.pt")
+    assert max_diff(load(got / "init.pt"), init) == 0.0  # the same start (LoRA's random init included)
+    assert_sgd_equal(load(got / weights), load(ref / weights), init, what)
 
 
 def meta(run_dir: Path) -> dict:

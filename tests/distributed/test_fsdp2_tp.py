@@ -1,5 +1,6 @@
-"""FSDP2 + tensor parallel on a (dp, tp) mesh over gloo: TP logits, 2-D training equal to one process,
-checkpoints resharded from (2, 2) to (4, 1) and (1, 1), and the HF/PEFT export of TP shards.
+"""FSDP2 + tensor parallel on a (dp, tp) mesh over gloo: TP logits, 2-D training equal to one process (AdamW
+curves and weights; plain-SGD steps by weights), checkpoints resharded from (2, 2) to (4, 1) and (1, 1), and the
+HF/PEFT export of TP shards.
 
 Four process starts serve every test: torchrun x4 at (dp 2, tp 2), torchrun x4 at (4, 1) resuming its
 step-3 checkpoint, torchrun x2 at (1, 2), and one plain process (the references and the same checkpoint resumed at (1, 1)).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import ROOT, env, losses, max_diff
+from harness import ROOT, SGD, assert_sgd_runs_equal, env, losses, max_diff
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,15 +43,22 @@ def base(small_model, token_data) -> dict:
             "global": 4}
 
 
+def _sgd(base: dict, tmp: Path, **mesh) -> list[dict]:
+    """SGD runs ``sgd-sft`` and ``sgd-lora`` of ``base`` (out/init.pt, out/final.pt)."""
+    return [{**base, **mesh, **SGD, "peft": kind == "lora", "log_dir": str(tmp / "runs"), "name": f"sgd-{kind}",
+             "out": str(tmp / f"sgd-{kind}")} for kind in ("sft", "lora")]
+
+
 @pytest.fixture(scope="session")
 def grid(tmp_path_factory, base, tiny_model_factory) -> Path:
-    """torchrun x4 at (dp 2, tp 2): TP logits of tiny Llama and Qwen2, LoRA (checkpoints every 3 steps) and SFT."""
+    """torchrun x4 at (dp 2, tp 2): TP logits of tiny Llama and Qwen2, LoRA (checkpoints every 3 steps) and SFT,
+    and their SGD runs."""
     tmp = tmp_path_factory.mktemp("tp2d")
     mesh = {"dp": 2, "tp": 2, "log_dir": str(tmp / "runs")}
     _launch(tmp, [{**mesh, "logits": [str(tiny_model_factory("llama")), str(tiny_model_factory("qwen2"))],
                    "out": str(tmp / "logits")},
                   {**base, **mesh, "peft": True, "every": 3, "name": "lora", "out": str(tmp / "lora")},
-                  {**base, **mesh, "name": "sft", "out": str(tmp / "sft")}], nproc=4)
+                  {**base, **mesh, "name": "sft", "out": str(tmp / "sft")}, *_sgd(base, tmp, dp=2, tp=2)], nproc=4)
     return tmp
 
 
@@ -66,23 +74,25 @@ def dp4(tmp_path_factory, base, grid) -> Path:
 
 @pytest.fixture(scope="session")
 def tp_only(tmp_path_factory, base) -> Path:
-    """torchrun x2 at (1, 2): TP without FSDP (DTensors on the tp mesh beside plain replicated tensors)."""
+    """torchrun x2 at (1, 2): TP without FSDP (DTensors on the tp mesh beside plain replicated tensors), LoRA and
+    SFT, and their SGD runs."""
     tmp = tmp_path_factory.mktemp("tp-only")
     mesh = {"dp": 1, "tp": 2, "log_dir": str(tmp / "runs")}
     _launch(tmp, [{**base, **mesh, "peft": True, "name": "lora", "out": str(tmp / "lora")},
-                  {**base, **mesh, "name": "sft", "out": str(tmp / "sft")}], nproc=2)
+                  {**base, **mesh, "name": "sft", "out": str(tmp / "sft")}, *_sgd(base, tmp, dp=1, tp=2)], nproc=2)
     return tmp
 
 
 @pytest.fixture(scope="session")
 def one(tmp_path_factory, base, grid) -> Path:
-    """One process: LoRA and SFT references, and the (2, 2) step-3 checkpoint resumed at (1, 1)."""
+    """One process: LoRA and SFT references (AdamW and SGD), and the (2, 2) step-3 checkpoint resumed at (1, 1)."""
     tmp = tmp_path_factory.mktemp("one")
     common = {**base, "log_dir": str(tmp / "runs")}
     _launch(tmp, [{**common, "peft": True, "name": "lora", "out": str(tmp / "lora")},
                   {**common, "name": "sft", "out": str(tmp / "sft")},
                   {**common, "peft": True, "name": "resumed", "out": str(tmp / "resumed"),
-                   "resume_from": str(grid / "runs" / "lora" / "checkpoints" / "step-000003")}], nproc=1)
+                   "resume_from": str(grid / "runs" / "lora" / "checkpoints" / "step-000003")}, *_sgd(base, tmp)],
+            nproc=1)
     return tmp
 
 
@@ -117,6 +127,14 @@ def test_2d_training_equals_one_process(grid, one, kind):
     print(f"{kind} (2, 2) vs one process: max rel loss {worst:.2e}, max weight diff {diff:.2e}")
     assert worst < RTOL, (got, ref)
     assert diff < ATOL
+
+
+@pytest.mark.parametrize("kind", ["sft", "lora"])
+@pytest.mark.parametrize("where", ["grid", "tp_only"])
+def test_sgd_steps_equal_one_process(request, one, where, kind):
+    """2 plain-SGD steps at (2, 2) and (1, 2) against one process, by weights: AdamW's curves hide a wrong
+    gradient scale, these do not."""
+    assert_sgd_runs_equal(request.getfixturevalue(where) / f"sgd-{kind}", one / f"sgd-{kind}", f"{where} {kind}")
 
 
 @pytest.mark.parametrize("where", ["dp4", "one"])

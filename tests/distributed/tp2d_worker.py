@@ -3,25 +3,24 @@
 SPEC ``{"runs": [run, ...]}``; a run's keys: model, data, log_dir, name, steps, total, micro, global, peft,
 every (checkpoint interval), dp, tp, cp (FSDP2Strategy sizes; without tp one process trains with strategy=None),
 accelerator (default "cpu"), resume, resume_from, out
-(final.pt: full weights from rank 0) and ``logits`` (a list of model folders: save the TP logits of each
-probe, no training).
+(final.pt: full weights from rank 0), lr and optim (as in worker.py: "sgd" also writes out/init.pt) and
+``logits`` (a list of model folders: save the TP logits of each probe, no training).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import torch
+from worker import optimizer, run_callbacks  # the text worker's optimizer choice and callbacks
 
 from nemo_automodel.api import finetune
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.peft import LoRA
 from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer
-from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
 from nemo_automodel.trainer.strategy import FSDP2Strategy
 
 IDS = torch.arange(2 * 24).reshape(2, 24) % 500
@@ -52,10 +51,9 @@ def fit(run: dict) -> None:
     model = HFAutoModelForCausalLM(run["model"])
     data = HFDatasetDataModule(run["data"], formatting=None, seq_length=64, micro_batch_size=run["micro"],
                                global_batch_size=run["global"], pad_token_id=0, seed=3)
-    optim = OptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01),
-                            WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4, max_steps=run["total"]))
-    trainer = Trainer(strategy=strategy(run), max_steps=run["steps"], log_every_n_steps=1, gradient_clip_val=1.0,
-                      enable_progress_bar=False, accelerator=run.get("accelerator", "cpu"))
+    optim, clip = optimizer(run)
+    trainer = Trainer(strategy=strategy(run), max_steps=run["steps"], log_every_n_steps=1, gradient_clip_val=clip,
+                      enable_progress_bar=False, accelerator=run.get("accelerator", "cpu"), callbacks=run_callbacks(run))
     peft = LoRA(target_modules=["*_proj"], dim=4, dropout=0.0) if run.get("peft") else None
     resume = (AutoResume(resume_from_path=run["resume_from"]) if run.get("resume_from")
               else AutoResume(resume_if_exists=True) if run.get("resume") else None)

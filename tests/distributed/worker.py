@@ -3,8 +3,11 @@
 SPEC holds ``{"runs": [run, ...]}``; the runs train one after another in this process (so one
 torchrun start serves several fits). A run's keys:
   model, data, log_dir, name, steps            where and how long
-  peft (bool), strategy (None|"ddp"|"fsdp2"), devices (Trainer(devices=N) launches the workers)
+  peft (False|True|"dora"), dropout (LoRA's, default 0.1)
+  strategy (None|"ddp"|"fsdp2"), devices       (Trainer(devices=N) launches the workers)
   micro, global, lr, total                     batch sizes, AdamW with cosine LR over ``total`` steps
+  optim ("adamw"|"sgd")                        "sgd": plain SGD at a flat LR, no clipping (see ``optimizer``),
+                                               and out/init.pt (rank 0: the full weights the training starts from)
   every, resume, resume_from                   checkpoint interval, AutoResume(if exists | from a path)
   out                                          folder for results: final.pt (rank 0, full weights),
                                                rank{r}.pt (each rank's weights), logits.pt, syncs.json
@@ -28,11 +31,45 @@ import torch
 from nemo_automodel.api import finetune
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.models import HFAutoModelForCausalLM
-from nemo_automodel.peft import LoRA
+from nemo_automodel.peft import DoRA, LoRA
 from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer
 from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
 
 IDS = torch.arange(2 * 24).reshape(2, 24) % 500  # fixed probe inputs for the logits check
+
+
+def optimizer(run: dict) -> tuple[OptimizerModule, float | None]:
+    """The run's optimizer and gradient clipping: AdamW (weight decay 0.01, warmup 2 + cosine to 1e-4 over
+    ``total`` steps) clipped at 1.0, or (``optim="sgd"``) plain SGD at a flat LR, unclipped: its update is
+    linear in the gradient, so a wrong gradient scale shows in the weights (AdamW and clipping hide it)."""
+    lr = run.get("lr", 1e-2)
+    if run.get("optim") == "sgd":
+        return OptimizerModule(functools.partial(torch.optim.SGD, lr=lr)), None
+    # = llm.adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=2, min_lr=1e-4), built
+    return OptimizerModule(functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
+                           WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4,
+                                                max_steps=run.get("total", run["steps"]))), 1.0
+
+
+class InitialWeights:
+    """Saves the full weights the training starts from (rank 0: ``out/init.pt``)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer, module) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if trainer.strategy.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().clone() for k, v in full.items()}, self.out / "init.pt")
+
+
+def run_callbacks(run: dict) -> list:
+    """SyncCounter (``count_syncs``) and, for an SGD run with ``out``, InitialWeights."""
+    found = [SyncCounter()] if run.get("count_syncs") else []
+    return found + ([InitialWeights(run["out"])] if run.get("optim") == "sgd" and run.get("out") else [])
 
 
 class SyncCounter:
@@ -117,14 +154,13 @@ def fit(run: dict, callbacks: list) -> tuple:
     model = HFAutoModelForCausalLM(run["model"], activation_checkpointing=run.get("activation_checkpointing", False))
     data = HFDatasetDataModule(run["data"], formatting=None, seq_length=64, micro_batch_size=run["micro"],
                                global_batch_size=run["global"], pad_token_id=0, seed=3)
-    # = llm.adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=2, min_lr=1e-4), built
-    optim = OptimizerModule(functools.partial(torch.optim.AdamW, lr=run.get("lr", 1e-2), weight_decay=0.01),
-                            WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4, max_steps=run.get("total", run["steps"])))
+    optim, clip = optimizer(run)
     trainer = Trainer(devices=run.get("devices", 1), strategy=run.get("strategy"), max_steps=run["steps"],
-                      log_every_n_steps=1, gradient_clip_val=1.0, enable_progress_bar=False, callbacks=callbacks,
+                      log_every_n_steps=1, gradient_clip_val=clip, enable_progress_bar=False, callbacks=callbacks,
                       precision=run.get("precision", "32"))
     # dropout > 0: resuming bitwise needs every rank's RNG restored
-    peft = LoRA(target_modules=["*_proj"], dim=4, dropout=0.1) if run.get("peft") else None
+    method = DoRA if run.get("peft") == "dora" else LoRA
+    peft = method(target_modules=["*_proj"], dim=4, dropout=run.get("dropout", 0.1)) if run.get("peft") else None
     ckpt = ModelCheckpoint(every_n_train_steps=run.get("every"), keep_last=2)
     run_dir = finetune(model=model, data=data, trainer=trainer, peft=peft, optim=optim, resume=_resume(run),
                        log=NeMoLogger(log_dir=run["log_dir"], name=run["name"], ckpt=ckpt, tensorboard=False))
@@ -153,7 +189,8 @@ def save_results(run: dict, model, trainer, callbacks: list) -> None:
         torch.save({k: v.detach().clone() for k, v in full.items()}, out / "final.pt")
         torch.save(logits, out / "logits.pt")
     for cb in callbacks:
-        (out / f"syncs-rank{rank}.json").write_text(json.dumps({"forwards": cb.forwards, "at": cb.at}))
+        if isinstance(cb, SyncCounter):
+            (out / f"syncs-rank{rank}.json").write_text(json.dumps({"forwards": cb.forwards, "at": cb.at}))
 
 
 def main(spec_path: str) -> None:
@@ -161,7 +198,7 @@ def main(spec_path: str) -> None:
     for run in spec["runs"]:
         if run.get("kill_in_save_at"):
             _kill_in_save(run["kill_in_save_at"], run.get("kill_point", "export"))
-        callbacks = [SyncCounter()] if run.get("count_syncs") else []
+        callbacks = run_callbacks(run)
         model, trainer, run_dir = fit(run, callbacks)
         if run.get("out") and not run.get("devices", 1) > 1:
             save_results(run, model, trainer, callbacks)

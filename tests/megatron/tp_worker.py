@@ -2,7 +2,8 @@
 
 SPEC: ``{"model": folder, "out": folder, "data": jsonl, "log_dir": folder, "tp": 2}``. Writes (rank 0)
 ``logits.pt`` (full-vocabulary logits of fixed ids), ``state.pt`` (the gathered Megatron state) and
-trains LoRA for a few steps with the trainer (metrics in ``log_dir``, adapter exported there).
+trains LoRA for a few steps with the trainer (run ``tp`` in ``log_dir``: metrics, adapter exported there), then
+2 plain-SGD steps of the full model (run ``tp-sgd``: the HF model exported there).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main(spec: dict) -> None:
         torch.save(logits, f"{spec['out']}/logits.pt")
         torch.save(state, f"{spec['out']}/state.pt")
     # the process group stays up: the trainer's MegatronStrategy rebuilds the model-parallel groups on it
-    run_megatron(spec["model"], spec["data"], spec["log_dir"], "tp", tp=spec["tp"], lora=True)
+    run_megatron(spec["model"], spec["data"], spec["log_dir"], "tp", tp=spec["tp"], lora=True, teardown=False)
+    run_megatron(spec["model"], spec["data"], spec["log_dir"], "tp-sgd", tp=spec["tp"], lora=False, sgd=True)
 
 
 if __name__ == "__main__":

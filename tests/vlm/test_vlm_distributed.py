@@ -1,8 +1,9 @@
-"""VLMs under FSDP2 / DDP on 2 gloo processes equal one process, and stop/resume is bitwise.
+"""VLMs under FSDP2 / DDP on 2 gloo processes equal one process (AdamW curves and weights; plain-SGD steps by
+weights), and stop/resume is bitwise.
 
 Two process starts serve every test: torchrun x2 (FSDP2: LoRA on Qwen2-VL, full SFT on Idefics3 with its
-vision tower frozen, LoRA with dropout uninterrupted and stopped at 3 + resumed; DDP LoRA) and one plain
-process (the same runs: the references, and the single-process stop/resume). 8 image chats, global batch 4,
+vision tower frozen, LoRA with dropout uninterrupted and stopped at 3 + resumed, 2 SGD steps of the full SFT; DDP
+LoRA) and one plain process (the same runs: the references, and the single-process stop/resume). 8 image chats, global batch 4,
 shuffled: 6 steps cross two epoch boundaries.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.harness import launch, losses, max_diff, meta
+from tests.distributed.harness import SGD, assert_sgd_runs_equal, launch, losses, max_diff, meta
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -55,14 +56,15 @@ def setups(tiny_vlm_dir, image_chats) -> dict[str, dict]:
 def _runs(tmp: Path, setups: dict, strategy: str | None) -> list[dict]:
     """LoRA and full SFT without dropout (ranks draw their own dropout masks: only dropout-free training
     can equal one process), LoRA with dropout uninterrupted and stopped at STOP then resumed in the same
-    run directory, and on 2 ranks DDP LoRA."""
+    run directory, 2 plain-SGD steps of the full SFT (out/init.pt too), and on 2 ranks DDP LoRA."""
     common = {"log_dir": str(tmp / "runs"), "strategy": strategy}
     lora = {**setups["lora"], **common}
     runs = [{**lora, "dropout": 0.0, "name": "lora", "out": str(tmp / "lora")},
             {**setups["sft"], **common, "name": "sft", "out": str(tmp / "sft")},
             {**lora, "name": "lora-full", "out": str(tmp / "lora-full")},
             {**lora, "name": "lora-split", "steps": STOP},
-            {**lora, "name": "lora-split", "resume": True, "out": str(tmp / "lora-resumed")}]
+            {**lora, "name": "lora-split", "resume": True, "out": str(tmp / "lora-resumed")},
+            {**setups["sft"], **common, **SGD, "name": "sgd-sft", "out": str(tmp / "sgd-sft")}]
     if strategy:
         runs.append({**lora, "dropout": 0.0, "strategy": "ddp", "name": "ddp-lora", "out": str(tmp / "ddp-lora")})
     return runs
@@ -103,6 +105,11 @@ def test_fsdp2_equals_one_process(two_ranks, one_rank, kind):
     assert meta(two_ranks / "runs" / kind)["world_size"] == 2
     curve = losses(two_ranks / "runs" / kind)
     assert curve[-1] < curve[0], curve  # it trains
+
+
+def test_fsdp2_sgd_steps_equal_one_process(two_ranks, one_rank):
+    """AdamW's curves hide a wrong gradient scale; 2 plain-SGD steps compared by weights do not."""
+    assert_sgd_runs_equal(two_ranks / "sgd-sft", one_rank / "sgd-sft", "VLM FSDP2 sft", weights="trainable.pt")
 
 
 def test_ddp_lora_equals_one_process(two_ranks, one_rank):

@@ -3,6 +3,7 @@
 SPEC holds ``{"runs": [run, ...]}``, trained one after another in this process. A run's keys:
   model, data, log_dir, name, steps     the tiny VLM folder, the image-chat JSONL, where and how long
   peft (bool), dropout (LoRA's, default 0.1), strategy (None|"ddp"|"fsdp2"), micro, global, lr, resume (AutoResume if a checkpoint exists)
+  optim ("adamw"|"sgd")                 as in the text worker (tests/distributed/worker.py); "sgd" also writes out/init.pt
   out                                   folder for results: trainable.pt (rank 0: the full trainable weights)
                                         and sharded.json (rank 0: the modules fully_shard-ed, the tower and
                                         decoder prefixes, the blocks decoder_layers picked)
@@ -10,7 +11,6 @@ SPEC holds ``{"runs": [run, ...]}``, trained one after another in this process. 
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from worker import _resume  # noqa: E402 - the text worker's AutoResume choice
+from worker import _resume, optimizer, run_callbacks  # noqa: E402 - the text worker's choices
 
 from nemo_automodel.api import finetune  # noqa: E402
 from nemo_automodel.data import HFImageTextDataModule  # noqa: E402
@@ -27,7 +27,6 @@ from nemo_automodel.models.hf_vlm import language_model_prefix, vision_towers  #
 from nemo_automodel.models.layers import decoder_layers  # noqa: E402
 from nemo_automodel.peft import LoRA  # noqa: E402
 from nemo_automodel.trainer import NeMoLogger, Trainer  # noqa: E402
-from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule  # noqa: E402
 from nemo_automodel.trainer.strategy import FSDP2Strategy  # noqa: E402
 
 
@@ -44,11 +43,10 @@ def fit(run: dict) -> tuple:
     model = HFAutoModelForImageTextToText(run["model"])
     data = HFImageTextDataModule(run["data"], seq_length=96, micro_batch_size=run["micro"],
                                  global_batch_size=run["global"], shuffle=True, seed=5)
-    optim = OptimizerModule(functools.partial(torch.optim.AdamW, lr=run.get("lr", 1e-2), weight_decay=0.01),
-                            WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4, max_steps=run["total"]))
+    optim, clip = optimizer(run)
     strategy = RecordingFSDP2() if run.get("strategy") == "fsdp2" else run.get("strategy")
     trainer = Trainer(strategy=strategy, max_steps=run["steps"], log_every_n_steps=1,
-                      gradient_clip_val=1.0, enable_progress_bar=False)
+                      gradient_clip_val=clip, enable_progress_bar=False, callbacks=run_callbacks(run))
     # dropout > 0: a bitwise resume needs every rank's RNG restored
     peft = LoRA(target_modules=["*_proj"], dim=4, dropout=run.get("dropout", 0.1)) if run.get("peft") else None
     run_dir = finetune(model=model, data=data, trainer=trainer, peft=peft, optim=optim, resume=_resume(run),
