@@ -37,8 +37,8 @@ demo: $(STAMP)  ## LoRA-fine-tune SmolLM2-135M-Instruct on real chat data, offli
 # The llama.cpp checks (marker llamacpp) have a target of their own: `make gguf-llamacpp`.
 # Outside CI an engine that cannot start (not root, no apt) makes its tests skip with the reason; under
 # .ci/run (NEMO_AUTOMODEL_STRICT=1) it fails the run, and so does any test that would have skipped.
-# Two xdist workers (TEST_WORKERS) take whole files (--dist loadfile, so a file's fixtures are built once); a
-# test that starts processes of its own runs alone (tests/parallel.py). --durations shows where the time goes.
+# Two xdist workers (TEST_WORKERS) take whole files (--dist loadfile, so a file's fixtures are built once); one
+# process-starting test at a time (tests/parallel.py). --durations shows where the time goes.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(VLLM_STAMP)  ## run the whole suite (what CI runs): builds the vLLM venv and starts Slurm + dockerd first
 	$(MAKE) --no-print-directory engines || [ "$$NEMO_AUTOMODEL_STRICT" != 1 ]

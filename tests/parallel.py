@@ -1,16 +1,18 @@
-"""How the suite shares two cores under pytest-xdist (``make test`` runs ``-n 2``).
+"""How the suite shares two cores under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``).
 
-- **Cores.** A test that starts processes of its own (markers in ``PROCESS_MARKERS``: torchrun ranks,
-  Slurm jobs, dockerd containers, vLLM engines) holds the machine alone; every other test holds a
-  shared slot, so two run side by side, one per worker, each with one intra-op thread. This is a
-  readers-writer lock on files in the run's shared folder, with a turnstile so a waiting exclusive test
-  is not starved by the stream of shared ones.
+- **Cores.** Each worker takes whole files and runs torch with one intra-op thread. A test that starts
+  processes of its own (markers in ``PROCESS_MARKERS``: torchrun ranks, Slurm jobs, dockerd containers,
+  vLLM engines) holds a file lock, so at most one such test runs at a time: its ranks and one
+  single-process test on the other worker. Measured on 2 cores, this finished the suite in 21 min where
+  the serial run took about 40; such tests spend much of their time starting interpreters, waiting on
+  daemons and polling, so the other worker's test fills the gaps. ``NEMO_AUTOMODEL_TEST_ALONE=1`` makes
+  them hold both cores instead (a readers-writer lock with a turnstile, so a waiting one is not starved).
 - **Builds.** :func:`shared_build` builds a fixture's folder once per ``make test`` and lets the other
   worker reuse it: a lock, the build in place (training runs and exports record their own absolute paths,
   so no rename), then a marker written last. The folder lives in the run's own temporary root, so nothing
   carries over to the next run: every run trains and exports anew.
 
-Without xdist (a plain ``pytest`` call) there is one process, no lock, and the run's basetemp is the root.
+Without xdist (a plain ``pytest`` call) there is one process and the run's basetemp is the root.
 """
 
 from __future__ import annotations
