@@ -6,9 +6,10 @@ import os
 import sys
 from pathlib import Path
 
+from nemo_automodel.checkpoint import AutoResume
 from nemo_automodel.contracts import TrainableModel
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.trainer import AutoResume, NeMoLogger, Trainer
+from nemo_automodel.trainer import NeMoLogger, Trainer
 
 
 def finetune(model: TrainableModel, data, trainer: Trainer, peft=None, optim=None,

@@ -182,7 +182,7 @@ def _processes(task: run.Partial, executor: Optional[run.Executor]) -> tuple[int
 def _dryrun_mesh(task: run.Partial, world: int, per_node: int) -> str:
     """The device mesh the strategy node asks for, read from the graph (nothing is built)."""
     from nemo_automodel.launch.plan_recipe import strategy_sizes
-    from nemo_automodel.trainer.mesh import describe_mesh, mesh_dims
+    from nemo_automodel.parallel.mesh import describe_mesh, mesh_dims
 
     trainer = getattr(task, "trainer", None)
     if trainer is None:

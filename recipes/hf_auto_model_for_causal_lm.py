@@ -16,12 +16,13 @@ from typing import Any
 import nemo_run as run
 
 from nemo_automodel import api
+from nemo_automodel.checkpoint import AutoResume, ModelCheckpoint
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.llm import adam
 from nemo_automodel.models import HFAutoModelForCausalLM
+from nemo_automodel.parallel.strategy import FSDP2Strategy
 from nemo_automodel.peft import LoRA
-from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer
-from nemo_automodel.trainer.strategy import FSDP2Strategy
+from nemo_automodel.trainer import NeMoLogger, Trainer
 
 LORA_TARGETS = ["*_proj", "linear_qkv"]
 

@@ -18,10 +18,10 @@ from typing import Any
 import nemo_run as run
 
 from nemo_automodel import api
+from nemo_automodel.checkpoint import AutoResume
 from nemo_automodel.data import HFImageTextDataModule
 from nemo_automodel.llm import adam
 from nemo_automodel.models import HFAutoModelForImageTextToText
-from nemo_automodel.trainer import AutoResume
 from recipes.hf_auto_model_for_causal_lm import logger, peft_and_lr, trainer
 
 

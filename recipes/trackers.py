@@ -11,7 +11,7 @@ The graph's values are recorded as the tracker run's params (`nemo_automodel.lau
 
 import nemo_run as run
 
-from nemo_automodel.trainer import MLflowLogger, WandbLogger
+from nemo_automodel.tracking import MLflowLogger, WandbLogger
 
 
 @run.cli.factory

@@ -78,7 +78,7 @@ def test_damaged_last_falls_back_to_the_newest_checkpoint_that_verifies(tiny_lla
     shutil.copytree(two_checkpoints, root, symlinks=True)
     ckpts = root / "run" / "checkpoints"
     damage(ckpts / "step-000002")
-    with caplog.at_level(logging.WARNING, logger="nemo_automodel.trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="nemo_automodel.checkpoint.save_load"):
         _finetune(tiny_llama, root, steps=3)
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warnings) == 1 and "step-000002" in warnings[0], warnings

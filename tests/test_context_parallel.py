@@ -20,9 +20,9 @@ from torch.distributed.tensor.experimental._context_parallel._load_balancer impo
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.models.loss import masked_cross_entropy
-from nemo_automodel.trainer.context_parallel import check_sdpa, pad_batch, padded_length
-from nemo_automodel.trainer.mesh import coordinates, describe_mesh, mesh_dims, mesh_shape
-from nemo_automodel.trainer.strategy import DDPStrategy, FSDP2Strategy
+from nemo_automodel.parallel.context_parallel import check_sdpa, pad_batch, padded_length
+from nemo_automodel.parallel.mesh import coordinates, describe_mesh, mesh_dims, mesh_shape
+from nemo_automodel.parallel.strategy import DDPStrategy, FSDP2Strategy
 from nemo_automodel.trainer.trainer import Trainer
 
 

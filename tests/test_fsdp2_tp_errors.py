@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.trainer.strategy import FSDP2Strategy
-from nemo_automodel.trainer.tensor_parallel import concrete_plan, model_tp_plan
+from nemo_automodel.parallel.strategy import FSDP2Strategy
+from nemo_automodel.parallel.tensor_parallel import concrete_plan, model_tp_plan
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

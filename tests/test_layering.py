@@ -3,10 +3,13 @@
 Rules (ARCHITECTURE.md):
 - library modules (``nemo_automodel`` minus the facades ``llm`` and ``lightning``) never import the
   facades, ``recipes`` or ``executors``;
-- components (contracts, errors, models, peft, data, trainer, and the memory planner ``plan``) import
+- components (contracts, errors, models, peft, data, parallel, checkpoint, tracking, trainer, and the memory
+  planner ``plan``) import
   no backend (megatron), no launching, demo or export code, and neither Fiddle nor NeMo-Run (a
   component's ``python -m`` program, ``__main__.py``, sits at the top of the stack and may);
-- no import cycles among the project's modules (imports inside functions included).
+- no import cycles among the project's modules (imports inside functions included);
+- the parallelism room (``parallel``) imports nothing from ``models``: the model tells it what to shard
+  through ``contracts.TrainableModel``; ``trainer/`` holds no strategy, checkpoint or tracker code.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("nemo_automodel", "recipes", "executors")
 FACADES = ("nemo_automodel.llm", "nemo_automodel.vlm", "nemo_automodel.lightning")
 COMPONENTS = ("nemo_automodel.contracts", "nemo_automodel.errors", "nemo_automodel.models", "nemo_automodel.peft",
-              "nemo_automodel.data", "nemo_automodel.trainer", "nemo_automodel.plan")
+              "nemo_automodel.data", "nemo_automodel.parallel", "nemo_automodel.checkpoint", "nemo_automodel.tracking",
+              "nemo_automodel.trainer", "nemo_automodel.plan")
+# trainer/ is the loop, the optimizer module, spawn and JIT; metrics.py is a deprecated re-export
+TRAINER_MODULES = {"__init__", "trainer", "optim", "spawn", "jit", "metrics"}
+REEXPORTS = ("nemo_automodel/trainer/metrics.py",)
 NOT_FOR_COMPONENTS = ("nemo_automodel.megatron", "nemo_automodel.launch", "nemo_automodel.demo",
                       "nemo_automodel.export", "fiddle", "nemo_run")
 
@@ -101,6 +108,25 @@ def test_components_know_no_backend_launcher_or_fiddle():
     assert bad == []
 
 
+def test_parallelism_imports_no_model_module():
+    files = list((ROOT / "nemo_automodel" / "parallel").rglob("*.py"))
+    assert len(files) >= 4
+    bad = sorted(f"{_module_name(p)} -> {i}" for p in files for i in _imports(p)
+                 if _under(i, ("nemo_automodel.models",)))
+    assert bad == []
+
+
+def test_trainer_holds_only_the_loop_optimizer_spawn_and_jit():
+    """The strategies, checkpoints and trackers live in their own rooms; what is left of them in ``trainer/``
+    is a re-export that defines nothing."""
+    trainer = ROOT / "nemo_automodel" / "trainer"
+    assert {p.stem for p in trainer.glob("*.py")} == TRAINER_MODULES
+    for rel in REEXPORTS:
+        tree = ast.parse((ROOT / rel).read_text())
+        defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert defined == [], rel
+
+
 def test_no_import_cycles():
     graph = _graph()
     assert len(graph) > 50
@@ -136,9 +162,9 @@ def _backends():
     from nemo_automodel.data import HFDatasetDataModule
     from nemo_automodel.megatron import MegatronGPTModel, MegatronOptimizerModule, MegatronStrategy
     from nemo_automodel.models import HFAutoModelForCausalLM
+    from nemo_automodel.parallel.strategy import DDPStrategy, FSDP2Strategy, SingleDeviceStrategy
     from nemo_automodel.peft import LoRA
     from nemo_automodel.trainer.optim import default_optimizer
-    from nemo_automodel.trainer.strategy import DDPStrategy, FSDP2Strategy, SingleDeviceStrategy
 
     class OptimizerConfig:  # the fields MegatronOptimizerModule reads from megatron-core's dataclass
         optimizer, lr, weight_decay, adam_beta1, adam_beta2, adam_eps, sgd_momentum = "adam", 1e-3, 0, .9, .99, 1e-8, 0

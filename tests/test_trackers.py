@@ -27,7 +27,7 @@ from nemo_automodel.errors import ConfigError
 from nemo_automodel.launch.experiment import Experiment
 from nemo_automodel.launch.guard import run_graph
 from nemo_automodel.launch.tracker_params import flatten_graph, with_tracker_params
-from nemo_automodel.trainer.trackers import EXTRA, MLflowLogger, WandbLogger
+from nemo_automodel.tracking.trackers import EXTRA, MLflowLogger, WandbLogger
 from recipes import hf_auto_model_for_causal_lm as hf_recipe
 from tests.helpers import chat_dataset, metrics, require_module
 
@@ -208,11 +208,11 @@ def test_mlflow_failure_mid_run_warns_once_and_the_run_finishes(sqlite_store, ti
     uri = sqlite_store
     recipe = _recipe(tiny_llama, tmp_path, mlflow=dict(tracking_uri=uri, experiment_name="mid-run"))
     recipe.trainer.callbacks = [_DeleteRunAt(2, uri)]
-    with caplog.at_level(logging.WARNING, logger="nemo_automodel.trainer.metrics"):
+    with caplog.at_level(logging.WARNING, logger="nemo_automodel.tracking.metrics"):
         run_dir = run_graph(recipe)
     assert [s for s, _ in _rows(run_dir, "train_loss")] == list(range(1, STEPS + 1))  # training finished
     assert (run_dir / "checkpoints" / "last" / "meta.json").is_file()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "nemo_automodel.trainer.metrics"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nemo_automodel.tracking.metrics"]
     assert len(warnings) == 1 and warnings[0].startswith("mlflow failed") and "active" in warnings[0], warnings
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     assert _history(MlflowClient(uri), run_id, "train_loss") == _rows(run_dir, "train_loss")[:2]
@@ -446,7 +446,7 @@ def test_a_wandb_resume_in_the_second_of_the_last_attempt_waits_for_a_folder_of_
     by the second) and replace its records; the logger waits for the next second first."""
     from datetime import datetime
 
-    from nemo_automodel.trainer.trackers import _next_second_after_attempts
+    from nemo_automodel.tracking.trackers import _next_second_after_attempts
 
     def stamp():
         return datetime.now().strftime("%Y%m%d_%H%M%S")

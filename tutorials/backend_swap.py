@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from nemo_automodel.demo import assets
 from nemo_automodel.megatron.swap import to_automodel, to_megatron
-from nemo_automodel.trainer.metrics import read_metrics
+from nemo_automodel.tracking.metrics import read_metrics
 from recipes.hf_auto_model_for_causal_lm import finetune_recipe
 
 # %% [markdown]

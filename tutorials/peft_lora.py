@@ -39,7 +39,7 @@ from nemo_automodel.demo.chat import generate_chat
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.peft import resolve_target_modules
 from nemo_automodel.peft.targets import summarize
-from nemo_automodel.trainer.metrics import read_metrics
+from nemo_automodel.tracking.metrics import read_metrics
 
 # %% [markdown]
 # ## Settings

@@ -31,7 +31,7 @@ from nemo_automodel import lightning as nl
 from nemo_automodel import llm
 from nemo_automodel.demo import assets
 from nemo_automodel.demo.chat import generate_chat
-from nemo_automodel.trainer.metrics import read_metrics
+from nemo_automodel.tracking.metrics import read_metrics
 
 # %% [markdown]
 # ## Settings

@@ -35,7 +35,7 @@ from nemo_automodel import lightning as nl
 from nemo_automodel import llm
 from nemo_automodel.demo import digits
 from nemo_automodel.models.processor import load_processor
-from nemo_automodel.trainer.metrics import read_metrics
+from nemo_automodel.tracking.metrics import read_metrics
 
 # %% [markdown]
 # ## Settings

@@ -30,7 +30,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def resolve_checkpoint(path: str | Path) -> Path:
     """The complete checkpoint folder meant by ``path``: a ``step-N`` folder, ``last``, a
     ``checkpoints/`` folder or a run directory (both resolved through ``last``)."""
-    from nemo_automodel.trainer.checkpoint import latest_checkpoint
+    from nemo_automodel.checkpoint.save_load import latest_checkpoint
 
     given = Path(path).expanduser()
     if not given.exists():

@@ -29,7 +29,7 @@ from nemo_automodel.megatron.strategy import import_megatron
 from nemo_automodel.models.hf_loading import resolve_dtype
 from nemo_automodel.models.hf_save import INDEX_FILE
 from nemo_automodel.models.tokenizer import load_tokenizer
-from nemo_automodel.trainer.strategy import unwrap
+from nemo_automodel.parallel.strategy import unwrap
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_automodel.errors import ConfigError, bad_value, check_int
-from nemo_automodel.trainer.strategy import ProcessGroupStrategy, ddp_grad_sync
+from nemo_automodel.parallel.strategy import ProcessGroupStrategy, ddp_grad_sync
 
 
 def import_megatron():

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from nemo_automodel.models.chunked_ce import lean_head_unsupported
+from nemo_automodel.parallel.context_parallel import padded_length
 from nemo_automodel.plan.job import Job
 from nemo_automodel.plan.meta_model import (
     ParamInfo,
@@ -26,7 +27,6 @@ from nemo_automodel.plan.rehearsal import (
     Timeline,
     rehearse_step,
 )
-from nemo_automodel.trainer.context_parallel import padded_length
 
 WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATION_ROW, LOGITS_ROW, RUNTIME = COMPONENTS = (
     "weights", "gradients", "optimizer state", "activations", "logits + loss", "CUDA context")

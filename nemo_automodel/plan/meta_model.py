@@ -96,12 +96,12 @@ def build_meta_model(config, dtype: torch.dtype, peft: Any = None, activation_ch
 
 def shard_tensor_parallel(model: MetaModel, tp_size: int, tp_plan: dict[str, str] | None = None) -> None:
     """Give ``model`` (in place) the shapes one of ``tp_size`` tensor-parallel ranks holds, by the same plan
-    ``FSDP2Strategy`` applies (``trainer/tensor_parallel.py``: the model's ``base_model_tp_plan`` or
+    ``FSDP2Strategy`` applies (``parallel/tensor_parallel.py``: the model's ``base_model_tp_plan`` or
     ``tp_plan``, LoRA per part): a colwise Linear keeps out_features / T outputs (and bias), a rowwise one
     in_features / T inputs (bias whole). Everything the plan leaves out (embeddings, norms, the output
     layer in transformers' base plans) stays whole. Attention reshapes with ``-1`` heads, so the step
     then computes on the local heads and its activations are one rank's."""
-    from nemo_automodel.trainer.tensor_parallel import (
+    from nemo_automodel.parallel.tensor_parallel import (
         check_heads,
         concrete_plan,
         decoder_stack,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nemo_automodel.errors import bad_value
-from nemo_automodel.trainer.strategy import unwrap
+from nemo_automodel.parallel.strategy import unwrap
 
 log = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:.*\.)?(?:layers|h|blocks|block|decoder_layers)\.\d+")

@@ -28,8 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+from nemo_automodel.checkpoint.save_load import latest_checkpoint
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.trainer.checkpoint import latest_checkpoint
 
 SHUTDOWN_TIMEOUT_S = 300  # how long workers get to write their SIGTERM checkpoint
 

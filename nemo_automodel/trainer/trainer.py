@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nemo_automodel.checkpoint.save_load import AutoResume, ModelCheckpoint, load_checkpoint, save_checkpoint
 from nemo_automodel.contracts import DataModule, OptimizerModule, PeftMethod, TrainableModel
 from nemo_automodel.errors import ConfigError, bad_value, check_int
-from nemo_automodel.trainer.checkpoint import AutoResume, ModelCheckpoint, load_checkpoint, save_checkpoint
-from nemo_automodel.trainer.metrics import MetricsLogger
+from nemo_automodel.parallel.strategy import env_world_size, resolve_strategy
+from nemo_automodel.tracking.metrics import MetricsLogger
+from nemo_automodel.tracking.trackers import MLflowLogger, Tracker, WandbLogger, check_trackers, object_params
 from nemo_automodel.trainer.optim import default_optimizer
 from nemo_automodel.trainer.spawn import launch_fit, needs_launch
-from nemo_automodel.trainer.strategy import env_world_size, resolve_strategy
-from nemo_automodel.trainer.trackers import MLflowLogger, Tracker, WandbLogger, check_trackers, object_params
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — the job checkpointed on
 class NeMoLogger:
     """Where a run writes: ``<log_dir>/<name>/`` (checkpoints, metrics.jsonl, tensorboard, loss.png).
 
-    ``wandb=WandbLogger(...)`` / ``mlflow=MLflowLogger(...)`` (``trainer/trackers.py``) also send the
+    ``wandb=WandbLogger(...)`` / ``mlflow=MLflowLogger(...)`` (``tracking/trackers.py``) also send the
     params, every metrics row and loss.png to those trackers from rank 0. ``params``: the run's
     configuration as a flat dict; a recipe graph launched with ``run_graph``, the recipe CLI or
     ``Experiment`` gets its flattened values here (``nemo_automodel.launch.tracker_params``), and a

@@ -17,11 +17,12 @@ import torch
 from worker import optimizer, run_callbacks  # the text worker's optimizer choice and callbacks
 
 from nemo_automodel.api import finetune
+from nemo_automodel.checkpoint import AutoResume, ModelCheckpoint
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.models import HFAutoModelForCausalLM
+from nemo_automodel.parallel.strategy import FSDP2Strategy
 from nemo_automodel.peft import LoRA
-from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer
-from nemo_automodel.trainer.strategy import FSDP2Strategy
+from nemo_automodel.trainer import NeMoLogger, Trainer
 
 IDS = torch.arange(2 * 24).reshape(2, 24) % 500
 

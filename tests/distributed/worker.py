@@ -29,10 +29,11 @@ import torch
 
 # Plain components (no nemo_run / fiddle import): start-up time counts, every test starts processes.
 from nemo_automodel.api import finetune
+from nemo_automodel.checkpoint import AutoResume, ModelCheckpoint
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.peft import DoRA, LoRA
-from nemo_automodel.trainer import AutoResume, ModelCheckpoint, NeMoLogger, Trainer
+from nemo_automodel.trainer import NeMoLogger, Trainer
 from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
 
 IDS = torch.arange(2 * 24).reshape(2, 24) % 500  # fixed probe inputs for the logits check
@@ -101,7 +102,7 @@ def _kill_in_save(step: int, point: str) -> None:
     import torch.distributed.checkpoint as dcp
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
-    from nemo_automodel.trainer import checkpoint
+    from nemo_automodel.checkpoint import save_load as checkpoint
 
     ours = f"step-{step:06d}"
     if point == "dcp":

@@ -10,10 +10,10 @@ import transformers
 from test_plan import lora, n_params, tiny
 
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.parallel.strategy import FSDP2Strategy
 from nemo_automodel.plan import Job, estimate
 from nemo_automodel.plan.accounting import ACTIVATION_ROW, GRADIENTS, LOGITS_ROW, OPTIMIZER, WEIGHTS
 from nemo_automodel.plan.report import describe
-from nemo_automodel.trainer.strategy import FSDP2Strategy
 
 
 def _shapes(cfg) -> list[tuple[int, int, str]]:

@@ -25,9 +25,9 @@ from nemo_automodel.data import HFImageTextDataModule  # noqa: E402
 from nemo_automodel.models import HFAutoModelForImageTextToText  # noqa: E402
 from nemo_automodel.models.hf_vlm import language_model_prefix, vision_towers  # noqa: E402
 from nemo_automodel.models.layers import decoder_layers  # noqa: E402
+from nemo_automodel.parallel.strategy import FSDP2Strategy  # noqa: E402
 from nemo_automodel.peft import LoRA  # noqa: E402
 from nemo_automodel.trainer import NeMoLogger, Trainer  # noqa: E402
-from nemo_automodel.trainer.strategy import FSDP2Strategy  # noqa: E402
 
 
 class RecordingFSDP2(FSDP2Strategy):

@@ -33,7 +33,7 @@ SEQ_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")  # [batch, seq] 
 
 def check_sdpa(model: torch.nn.Module, cp_size: int) -> None:
     """The model must run ``F.scaled_dot_product_attention`` (what context parallel replaces)."""
-    from nemo_automodel.trainer.tensor_parallel import _hf_model
+    from nemo_automodel.parallel.tensor_parallel import _hf_model
 
     impl = getattr(getattr(_hf_model(model), "config", None), "_attn_implementation", None)
     if impl != "sdpa":

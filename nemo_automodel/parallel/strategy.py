@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.layers import decoder_layers
-from nemo_automodel.trainer.mesh import mesh_dims, mesh_shape
+from nemo_automodel.parallel.mesh import mesh_dims, mesh_shape
 
 
 def env_world_size() -> int:
@@ -163,7 +163,7 @@ class DDPStrategy(ProcessGroupStrategy):
 class FSDP2Strategy(ProcessGroupStrategy):
     """Fully sharded data parallel (``fully_shard``) per transformer block and on the root, optionally
     with tensor and context parallel: a device mesh ``("dp", "cp", "tp")`` of shape (D, C, T)
-    (``trainer/mesh.py``; dims of size 1 other than dp are left out).
+    (``parallel/mesh.py``; dims of size 1 other than dp are left out).
 
     Applied after LoRA, so only adapters are trainable. ``data_parallel_size`` (D) defaults to the
     world size / (C * T); D * C * T must equal the number of processes. ``mixed_precision`` (from the
@@ -173,7 +173,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
 
     With T > 1, ``wrap`` first shards the model's Linear layers over ``mesh["tp"]`` with its own
     transformers plan (``config.base_model_tp_plan``) or ``tp_plan={pattern: "colwise"|"rowwise"}``
-    (``trainer/tensor_parallel.py``; LoRA layers are sharded per part), then applies ``fully_shard`` over
+    (``parallel/tensor_parallel.py``; LoRA layers are sharded per part), then applies ``fully_shard`` over
     dp x cp (one flattened ``dp_cp`` mesh, as torchtitan does; skipped when D * C == 1), so gradients are
     reduced over both. ``dp_size``/``dp_rank`` are the dp coordinate: the C * T ranks of one replica read
     the same batches, and ``all_reduce`` sums over the replicas only. Checkpoints hold DTensors that DCP
@@ -181,7 +181,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
 
     ``context_parallel_size`` C > 1 (CUDA only: PyTorch shards attention only in the CUDA flash /
     memory-efficient / cuDNN SDPA kernels, so it is refused in one line elsewhere) splits every row's
-    sequence over the cp ranks in ``micro_batch_context`` (``trainer/context_parallel.py``: padded to a
+    sequence over the cp ranks in ``micro_batch_context`` (``parallel/context_parallel.py``: padded to a
     multiple of 2 * C, load-balanced, unpacked rows and ``attn_implementation="sdpa"`` only). Each cp rank
     then sums the loss of its tokens, so ``grad_reduce_size`` is D * C and ``sum_sequence_shards`` adds the
     parts. Validation runs the same way.
@@ -235,7 +235,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
     def micro_batch_context(self, batch):
         if self.context_parallel_size == 1:
             return super().micro_batch_context(batch)
-        from nemo_automodel.trainer.context_parallel import shard_micro_batch
+        from nemo_automodel.parallel.context_parallel import shard_micro_batch
 
         return shard_micro_batch(batch, self.mesh["cp"])
 
@@ -253,11 +253,11 @@ class FSDP2Strategy(ProcessGroupStrategy):
 
     def wrap(self, module, mixed_precision=None):
         if self.tensor_parallel_size > 1:
-            from nemo_automodel.trainer.tensor_parallel import apply_tensor_parallel, model_tp_plan
+            from nemo_automodel.parallel.tensor_parallel import apply_tensor_parallel, model_tp_plan
 
             apply_tensor_parallel(module, self.mesh["tp"], model_tp_plan(module, self.tp_plan))
         if self.context_parallel_size > 1:
-            from nemo_automodel.trainer.context_parallel import check_sdpa
+            from nemo_automodel.parallel.context_parallel import check_sdpa
 
             check_sdpa(module, self.context_parallel_size)
         if not self.is_distributed or self.grad_reduce_size == 1:
@@ -277,7 +277,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
     def clip_grad_norm(self, module, max_norm):
         if self.mesh is None:
             return super().clip_grad_norm(module, max_norm)
-        from nemo_automodel.trainer.tensor_parallel import clip_grad_norm
+        from nemo_automodel.parallel.tensor_parallel import clip_grad_norm
 
         return clip_grad_norm([p for p in module.parameters() if p.requires_grad], max_norm)
 

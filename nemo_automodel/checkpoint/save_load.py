@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from nemo_automodel.checkpoint import checksums
 from nemo_automodel.errors import ConfigError, RunError, check_int, first_line
 from nemo_automodel.models.quantization import drop_quant_state
-from nemo_automodel.trainer import checksums
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
