@@ -125,7 +125,7 @@ def run_mode(args) -> None:
     from nemo_automodel.models import HFAutoModelForCausalLM
     from nemo_automodel.peft import LoRA
     from nemo_automodel.trainer import NeMoLogger, Trainer
-    from nemo_automodel.trainer.optim import OptimizerModule
+    from nemo_automodel.trainer.optim import PytorchOptimizerModule
 
     workdir = Path(args.workdir)
     devices, strategy = MODES[args.mode]
@@ -138,7 +138,7 @@ def run_mode(args) -> None:
                       enable_progress_bar=False, enable_checkpointing=False, callbacks=[MemoryProbe(str(out))])
     finetune(model=HFAutoModelForCausalLM(str(workdir / "model")), data=data, trainer=trainer,
              peft=LoRA(target_modules=["*_proj"], dim=8) if args.lora else None,
-             optim=OptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-4)),
+             optim=PytorchOptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-4)),
              log=NeMoLogger(log_dir=str(workdir / "runs"), name=args.mode, tensorboard=False))
 
 

@@ -18,11 +18,11 @@ import nemo_run as run
 from nemo_automodel import api
 from nemo_automodel.checkpoint import AutoResume, ModelCheckpoint
 from nemo_automodel.data import HFDatasetDataModule
-from nemo_automodel.llm import adam
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.parallel.strategy import FSDP2Strategy
 from nemo_automodel.peft import LoRA
 from nemo_automodel.trainer import NeMoLogger, Trainer
+from recipes.optim import pytorch_adam_with_cosine_annealing, pytorch_adam_with_flat_lr
 
 LORA_TARGETS = ["*_proj", "linear_qkv"]
 
@@ -91,7 +91,7 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", datas
         model=model(model_id),
         peft=peft,
         data=data(dataset, formatting, seq_length, micro_batch_size, global_batch_size),
-        optim=adam.pytorch_adam_with_flat_lr(lr=lr or default_lr),
+        optim=pytorch_adam_with_flat_lr(lr=lr or default_lr),
         trainer=trainer(max_steps, num_nodes, num_gpus_per_node, strategy, precision),
         log=logger(dir, name),
         resume=run.Config(AutoResume, resume_if_exists=True),
@@ -125,7 +125,7 @@ def pretrain_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M", dataset: Any =
         api.pretrain,
         model=model(model_id, load_pretrained_weights=False),
         data=data(dataset, "text", seq_length, micro_batch_size, global_batch_size, packed_sequence_size=seq_length),
-        optim=adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=max(1, max_steps // 10)),
+        optim=pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=max(1, max_steps // 10)),
         trainer=trainer(max_steps),
         log=logger(dir, name),
         resume=run.Config(AutoResume, resume_if_exists=True),

@@ -20,9 +20,9 @@ import nemo_run as run
 from nemo_automodel import api
 from nemo_automodel.checkpoint import AutoResume
 from nemo_automodel.data import HFImageTextDataModule
-from nemo_automodel.llm import adam
 from nemo_automodel.models import HFAutoModelForImageTextToText
 from recipes.hf_auto_model_for_causal_lm import logger, peft_and_lr, trainer
+from recipes.optim import pytorch_adam_with_flat_lr
 
 
 def model(model_id: Any, torch_dtype: str = "float32", freeze_vision_tower: bool = True) -> run.Config:
@@ -53,7 +53,7 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolVLM-256M-Instruct",
         model=model(model_id),
         peft=peft,
         data=data(dataset, seq_length, micro_batch_size, global_batch_size),
-        optim=adam.pytorch_adam_with_flat_lr(lr=lr or default_lr),
+        optim=pytorch_adam_with_flat_lr(lr=lr or default_lr),
         trainer=trainer(max_steps, num_nodes, num_gpus_per_node, strategy, precision),
         log=logger(dir, name),
         resume=run.Config(AutoResume, resume_if_exists=True),

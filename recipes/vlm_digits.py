@@ -15,8 +15,8 @@ import nemo_run as run
 
 from nemo_automodel import api
 from nemo_automodel.demo import digits
-from nemo_automodel.llm import adam
 from recipes import hf_auto_model_for_image_text_to_text as base
+from recipes.optim import pytorch_adam_with_cosine_annealing
 
 
 @run.cli.factory(target=api.finetune, name="vlm_digits")
@@ -30,7 +30,7 @@ def finetune_recipe(dir: str = "runs", name: str = "vlm-digits", family: str = "
     recipe.model.freeze_vision_tower = peft_scheme is not None  # full SFT trains the random tower too
     recipe.data = base.data(run.Config(digits.digit_chats, split="train", limit=samples), seq_length,
                             micro_batch_size, micro_batch_size)
-    recipe.optim = adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=10)
+    recipe.optim = pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=10)
     return recipe
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from nemo_automodel import lightning as nl
 from nemo_automodel import llm
-from nemo_automodel.trainer.optim import OptimizerModule
+from nemo_automodel.trainer.optim import PytorchOptimizerModule
 from tests.helpers import chat_dataset, train_losses
 
 
@@ -80,7 +80,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_llama, tmp_path):
             data=llm.HFDatasetDataModule(chat_dataset(repeat=1), formatting="chat", seq_length=64,
                                          micro_batch_size=micro, global_batch_size=8, shuffle=False),
             # SGD: its update is linear in the gradient, so a wrong loss weighting would show
-            optim=OptimizerModule(functools.partial(torch.optim.SGD, lr=1.0)),
+            optim=PytorchOptimizerModule(functools.partial(torch.optim.SGD, lr=1.0)),
             trainer=nl.Trainer(max_steps=1, enable_progress_bar=False, enable_checkpointing=False),
             log=nl.NeMoLogger(log_dir=str(tmp_path), name=name),
         )

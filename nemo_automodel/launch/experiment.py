@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import os
 import re
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,24 +152,10 @@ class Experiment:
 
     def add_sweep(self, task: run.Partial, grid: dict[str, list], executor: run.Executor | None = None) -> list[str]:
         """One task per point of ``grid`` (``{"optim.optimizer_fn.lr": [1e-4, 3e-4], ...}``), named and
-        given its own ``log.name`` like a command-line sweep. Returns the task names."""
-        names = []
-        for values in itertools.product(*grid.values()):
-            point, variant = dict(zip(grid, values)), copy.deepcopy(task)
-            for path, value in point.items():
-                *parents, leaf = path.split(".")
-                node = variant
-                for part in parents:
-                    node = getattr(node, part, None)
-                if not isinstance(node, fdl.Buildable) or leaf not in _arguments(node):
-                    raise ConfigError(f"sweep key {path!r} does not name an argument of the recipe graph")
-                setattr(node, leaf, value)
-            combo = {k: str(v) for k, v in point.items()}
-            name = sweep.task_name(combo)
-            if run_dir_of(variant) is not None and "log.name" not in point:
-                variant.log.name = f"{variant.log.name}-{name}"
-            names.append(self.add(variant, name=name, executor=executor, combo=combo))
-        return names
+        given its own ``log.name`` like a command-line sweep (`sweep_tasks`). Returns the task names."""
+        axes = [sweep.Axis(key, tuple(values)) for key, values in grid.items()]
+        return [self.add(variant, name=name, executor=executor, combo=combo)
+                for name, variant, combo in sweep_tasks(task, axes, _assign)]
 
     def _new(self) -> run.Experiment:
         return run.Experiment(self.title, executor=self.executor or _default_executor(), log_level="WARN",
@@ -278,6 +264,36 @@ class Experiment:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(table + "\n")
         return table
+
+
+def sweep_tasks(task: run.Partial, axes: list[sweep.Axis],
+                assign: Callable[[run.Partial, dict[str, Any]], run.Partial]) -> list[tuple[str, run.Partial, dict]]:
+    """``(name, graph, combo)`` per point of the axes' cartesian product (first axis slowest), for the CLI's
+    sweeps and `Experiment.add_sweep`: ``assign(task, point)`` returns a copy of ``task`` with the point's
+    values set; the name is `sweep.task_name`'s and, unless the point sets ``log.name``, the graph writes
+    to its own run dir ``<log.name>-<name>``; ``combo`` holds the values as text."""
+    tasks = []
+    for point in sweep.expand(axes):
+        variant, combo = assign(task, point), {key: str(value) for key, value in point.items()}
+        name = sweep.task_name(combo)
+        if run_dir_of(variant) is not None and "log.name" not in point:
+            variant.log.name = f"{variant.log.name}-{name}"
+        tasks.append((name, variant, combo))
+    return tasks
+
+
+def _assign(task: run.Partial, point: dict[str, Any]) -> run.Partial:
+    """A copy of ``task`` with each dotted argument path of ``point`` set to its (Python) value."""
+    task = copy.deepcopy(task)
+    for path, value in point.items():
+        *parents, leaf = path.split(".")
+        node = task
+        for part in parents:
+            node = getattr(node, part, None)
+        if not isinstance(node, fdl.Buildable) or leaf not in _arguments(node):
+            raise ConfigError(f"sweep key {path!r} does not name an argument of the recipe graph")
+        setattr(node, leaf, value)
+    return task
 
 
 def _uses_main(value: Any) -> bool:

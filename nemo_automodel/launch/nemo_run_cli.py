@@ -2,7 +2,7 @@
 
 Importing this module patches NeMo-Run 0.11.1's CLI parser (see below); `apply_overrides`
 applies overrides to a copy of a graph with one clear error per bad one. Used by the recipe
-files' command line (``recipes/cli.py``) and the experiment API's sweeps.
+files' command line (`recipe_cli`) and the experiment API's sweeps.
 """
 
 # No `from __future__ import annotations` here: NeMo-Run reads annotations at run time.

@@ -12,8 +12,8 @@ local Hugging Face cache only. ``--gpus`` sets the number of devices in all (wit
 per row (the packed row size when the recipe packs). Exit codes: 0 fits (or no --gpu-memory), 1 does
 not fit, 2 bad input (one line on stderr).
 
-Which recipe a name stands for is the caller's to say (``resolve``): ``recipes/cli.py`` knows the
-registered recipes, and a library module never imports ``recipes``.
+Which recipe a name stands for is the caller's to say (``resolve``, e.g. `recipe_cli.plan_target` once the
+recipes are imported): a library module never imports ``recipes``.
 """
 
 from __future__ import annotations

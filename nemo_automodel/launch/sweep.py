@@ -4,8 +4,9 @@
 
 An override is a sweep axis when its value is a bracketed list and the attribute it sets does not
 already hold a list (``peft.target_modules=[q_proj,v_proj]`` stays a plain assignment; sweep
-such an attribute with a list of lists). This module is pure text and file handling: the CLI
-(`recipes.cli`) applies each combination to the recipe graph and launches them as one experiment.
+such an attribute with a list of lists). This module is pure text and file handling:
+`experiment.sweep_tasks` applies each combination to the recipe graph (for the CLI,
+`launch/recipe_cli.py`, and `Experiment.add_sweep`), which run as one experiment.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nemo_automodel.errors import ConfigError
 
@@ -29,10 +31,11 @@ SUMMARY_KEYS = ("step", "train_loss", "val_loss", "lr", "tokens_per_sec")
 
 @dataclass(frozen=True)
 class Axis:
-    """One swept attribute: ``key`` (a dotted path) and its values as command-line text."""
+    """One swept attribute: ``key`` (a dotted path) and its values (command-line text, or Python values
+    from `Experiment.add_sweep`)."""
 
     key: str
-    values: tuple[str, ...]
+    values: tuple[Any, ...]
 
 
 def split_list(text: str, key: str = "value") -> list[str]:
@@ -97,7 +100,7 @@ def find_axes(args: Sequence[str], holds_list: Callable[[str], bool]) -> tuple[l
     return fixed, axes
 
 
-def expand(axes: Sequence[Axis]) -> list[dict[str, str]]:
+def expand(axes: Sequence[Axis]) -> list[dict[str, Any]]:
     """The cartesian product, first axis slowest: ``[{key: value, ...}, ...]``."""
     return [dict(zip([a.key for a in axes], combo)) for combo in itertools.product(*(a.values for a in axes))]
 

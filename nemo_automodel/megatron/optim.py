@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nemo_automodel.errors import ConfigError, bad_value
-from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
+from nemo_automodel.trainer.optim import PytorchOptimizerModule, WarmupCosineSchedule
 
 TORCH_OPTIMIZERS = {"adam": torch.optim.AdamW, "sgd": torch.optim.SGD}
 # torch argument -> OptimizerConfig field, per optimizer (Adam's ``betas`` are adam_beta1/adam_beta2)
@@ -35,7 +35,7 @@ def torch_kwargs(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-class MegatronOptimizerModule(OptimizerModule):
+class MegatronOptimizerModule(PytorchOptimizerModule):
     """Megatron ``OptimizerConfig`` + an optional LR schedule -> ``(optimizer, scheduler)``."""
 
     def __init__(self, config: Any, lr_scheduler: WarmupCosineSchedule | None = None) -> None:

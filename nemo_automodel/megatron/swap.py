@@ -33,7 +33,7 @@ from nemo_automodel.megatron.optim import (
 from nemo_automodel.megatron.strategy import MegatronStrategy, import_megatron
 from nemo_automodel.models import HFAutoModelForCausalLM, HFAutoModelForImageTextToText
 from nemo_automodel.peft import DoRA
-from nemo_automodel.trainer.optim import OptimizerModule
+from nemo_automodel.trainer.optim import PytorchOptimizerModule
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def to_megatron(recipe: run.Partial, tensor_parallel: int = 1, pipeline_parallel
     new.model = _megatron_model(model, tensor_parallel)
     _check_peft(getattr(new, "peft", None))
     if getattr(new, "optim", None) is not None:
-        new.optim = _megatron_optim(_node(new, "optim", OptimizerModule, "an OptimizerModule node (llm.adam.*)"))
+        node = _node(new, "optim", PytorchOptimizerModule, "a PytorchOptimizerModule node (llm.adam.*)")
+        new.optim = _megatron_optim(node)
     trainer = _trainer(new)
     _check_devices(trainer, tensor_parallel)
     trainer.strategy = run.Config(MegatronStrategy, tensor_model_parallel_size=tensor_parallel,
@@ -190,4 +191,4 @@ def _automodel_optim(optim: fdl.Buildable) -> run.Config:
     if dropped:
         log.warning("to_automodel: OptimizerConfig fields %s have no AutoModel counterpart and are dropped", dropped)
     fn = run.Partial(TORCH_OPTIMIZERS[kind], **torch_kwargs(kind, args))
-    return run.Config(OptimizerModule, optimizer_fn=fn, **_pick(optim, ("lr_scheduler",)))
+    return run.Config(PytorchOptimizerModule, optimizer_fn=fn, **_pick(optim, ("lr_scheduler",)))

@@ -3,8 +3,10 @@
 The same command as ``nemo automodel plan`` (see ``nemo_automodel.launch.plan_cli``).
 """
 
+import recipes
 from nemo_automodel.launch.plan_cli import main
-from recipes.cli import plan_target
+from nemo_automodel.launch.recipe_cli import import_recipes, plan_target
 
 if __name__ == "__main__":
+    import_recipes(recipes)
     raise SystemExit(main(None, resolve=plan_target))

@@ -1,9 +1,14 @@
-"""Optimizer modules: an optimizer factory plus an LR schedule, built once the params exist."""
+"""Optimizer modules: an optimizer factory plus an LR schedule, built once the params exist.
+
+`PytorchOptimizerModule` (NeMo 2's name) implements ``contracts.OptimizerModule``; its old name here,
+``OptimizerModule``, still imports, with a DeprecationWarning.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -69,7 +74,7 @@ class WarmupCosineSchedule:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class OptimizerModule:
+class PytorchOptimizerModule:
     """An optimizer factory (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-4)``) and a schedule.
 
     ``build(params, max_steps)`` returns ``(optimizer, scheduler)``; with no schedule the LR is flat.
@@ -102,7 +107,15 @@ class OptimizerModule:
         return optimizer, scheduler
 
 
-def default_optimizer() -> OptimizerModule:
+def default_optimizer() -> PytorchOptimizerModule:
     """The trainer's optimizer when none is given: AdamW at a flat 1e-5, no weight decay
     (``llm.adam.pytorch_adam_with_flat_lr()``'s defaults)."""
-    return OptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0))
+    return PytorchOptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0))
+
+
+def __getattr__(name: str) -> Any:
+    if name != "OptimizerModule":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("nemo_automodel.trainer.optim.OptimizerModule is renamed PytorchOptimizerModule (the protocol is "
+                  "nemo_automodel.contracts.OptimizerModule)", DeprecationWarning, stacklevel=2)
+    return PytorchOptimizerModule

@@ -34,20 +34,20 @@ from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.peft import DoRA, LoRA
 from nemo_automodel.trainer import NeMoLogger, Trainer
-from nemo_automodel.trainer.optim import OptimizerModule, WarmupCosineSchedule
+from nemo_automodel.trainer.optim import PytorchOptimizerModule, WarmupCosineSchedule
 
 IDS = torch.arange(2 * 24).reshape(2, 24) % 500  # fixed probe inputs for the logits check
 
 
-def optimizer(run: dict) -> tuple[OptimizerModule, float | None]:
+def optimizer(run: dict) -> tuple[PytorchOptimizerModule, float | None]:
     """The run's optimizer and gradient clipping: AdamW (weight decay 0.01, warmup 2 + cosine to 1e-4 over
     ``total`` steps) clipped at 1.0, or (``optim="sgd"``) plain SGD at a flat LR, unclipped: its update is
     linear in the gradient, so a wrong gradient scale shows in the weights (AdamW and clipping hide it)."""
     lr = run.get("lr", 1e-2)
     if run.get("optim") == "sgd":
-        return OptimizerModule(functools.partial(torch.optim.SGD, lr=lr)), None
+        return PytorchOptimizerModule(functools.partial(torch.optim.SGD, lr=lr)), None
     # = llm.adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=2, min_lr=1e-4), built
-    return OptimizerModule(functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
+    return PytorchOptimizerModule(functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
                            WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4,
                                                 max_steps=run.get("total", run["steps"]))), 1.0
 

@@ -14,7 +14,7 @@ from nemo_automodel.errors import ConfigError
 from nemo_automodel.megatron import MegatronGPTModel, MegatronStrategy
 from nemo_automodel.megatron.optim import MegatronOptimizerModule
 from nemo_automodel.megatron.swap import to_automodel, to_megatron
-from nemo_automodel.trainer.optim import OptimizerModule
+from nemo_automodel.trainer.optim import PytorchOptimizerModule
 from recipes.hf_auto_model_for_causal_lm import finetune_recipe
 from tests.helpers import train_losses
 
@@ -52,7 +52,7 @@ def test_rewrite_swaps_model_optimizer_strategy_and_round_trips(megatron_model_f
     group = opt.param_groups[0]
     assert isinstance(opt, torch.optim.AdamW) and group["betas"] == (0.9, 0.98) and group["eps"] == 1e-7
     assert to_automodel(mg) == recipe
-    assert fdl.get_callable(to_automodel(mg).optim) is OptimizerModule
+    assert fdl.get_callable(to_automodel(mg).optim) is PytorchOptimizerModule
 
 
 def test_rewrite_refuses_unsupported_models_and_sizes(tiny_model_factory, megatron_model_factory, token_file, tmp_path):

@@ -11,7 +11,7 @@ from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.megatron import MegatronGPTModel, MegatronOptimizerModule, MegatronStrategy
 from nemo_automodel.peft import LoRA
 from nemo_automodel.trainer import NeMoLogger, Trainer
-from nemo_automodel.trainer.optim import OptimizerModule
+from nemo_automodel.trainer.optim import PytorchOptimizerModule
 
 IDS = torch.arange(2 * 16).reshape(2, 16) * 37 % 509 + 3
 STEPS = 4
@@ -31,7 +31,7 @@ def run_megatron(model_dir: str, data: str, log_dir: str, name: str, tp: int = 1
                                       pad_token_id=0, seed=3)
     optim = (MegatronOptimizerModule(OptimizerConfig(optimizer="sgd", lr=1.0, sgd_momentum=0.0, weight_decay=0.0,
                                                      clip_grad=0.0)) if sgd
-             else OptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)))
+             else PytorchOptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)))
     trainer = Trainer(strategy=MegatronStrategy(tensor_model_parallel_size=tp), max_steps=2 if sgd else STEPS,
                       log_every_n_steps=1, gradient_clip_val=None if sgd else 1.0, enable_progress_bar=False)
     peft = LoRA(target_modules=["*_proj", "linear_qkv"], dim=4) if lora else None

@@ -1,0 +1,50 @@
+"""What a recipe's ``--dryrun`` prints beyond the graph: the processes, the device mesh and the memory plan.
+
+All three are read from the graph and the executor; nothing is built, and nothing here fails the dry run.
+"""
+
+from __future__ import annotations
+
+import nemo_run as run
+
+from nemo_automodel.errors import ConfigError
+from nemo_automodel.launch.nemo_run_cli import root_cause
+from nemo_automodel.launch.plan_recipe import plan_recipe, strategy_sizes
+from nemo_automodel.parallel.mesh import describe_mesh, mesh_dims
+
+
+def processes(task: run.Partial, executor: run.Executor | None) -> tuple[int, int]:
+    """(processes in all, per node) of a launch: the executor's torchrun layout, else the trainer's devices."""
+    try:
+        if executor is not None and executor.nproc_per_node():
+            return executor.nnodes() * executor.nproc_per_node(), executor.nproc_per_node()
+    except NotImplementedError:  # an executor without a torchrun layout
+        pass
+    trainer = getattr(task, "trainer", None)
+    devices = int(getattr(trainer, "devices", 1) or 1)
+    return devices * int(getattr(trainer, "num_nodes", 1) or 1), devices
+
+
+def mesh_report(task: run.Partial, world: int, per_node: int) -> str:
+    """The device mesh the strategy node asks for (``mesh (dp=2, tp=8) over 16 ranks on 2 nodes x 8: …``)."""
+    trainer = getattr(task, "trainer", None)
+    if trainer is None:
+        return "mesh: no trainer node"
+    sizes = strategy_sizes(trainer)
+    strategy = getattr(trainer, "strategy", None)
+    try:
+        dims = mesh_dims(world, getattr(strategy, "data_parallel_size", None) if strategy is not None
+                         and not isinstance(strategy, str) else None, sizes["context_parallel"], sizes["tensor_parallel"])
+    except ConfigError as err:
+        return f"mesh: not possible ({root_cause(err)})"
+    return describe_mesh(dims, per_node)
+
+
+def plan_report(task: run.Partial, gpus: int | None = None) -> str:
+    """The memory plan of a task, or one line saying why it is not estimated."""
+    try:
+        return str(plan_recipe(task, gpus=gpus, build_nodes=False))
+    except ConfigError as err:
+        return f"memory plan: not estimated ({root_cause(err)})"
+    except Exception as err:  # a planner failure must not fail the dryrun
+        return f"memory plan: not estimated ({type(err).__name__}: {root_cause(err)})"
