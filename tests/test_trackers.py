@@ -369,6 +369,31 @@ def test_plain_python_run_records_object_params(sqlite_store, tiny_llama, tmp_pa
     assert params["data.micro_batch_size"] == "4" and params["peft._target_"] == "nemo_automodel.peft.lora.LoRA"
 
 
+def test_object_params_are_every_constructor_argument_without_a_list():
+    """A constructor argument a class gains is recorded with no list to edit; a subclass that passes
+    ``**kwargs`` on keeps its base's arguments; only stored attributes are read (no property runs)."""
+    from nemo_automodel.tracking.trackers import object_params
+
+    class ScaledLoRA(llm.peft.LoRA):
+        def __init__(self, scale_name: str = "alpha", **kwargs):
+            super().__init__(**kwargs)
+            self.scale_name = scale_name
+
+        @property
+        def dropout_position(self):
+            raise AssertionError("a property was read")
+
+    params = object_params(nl.Trainer(max_steps=3, enable_progress_bar=False), llm.HFAutoModelForCausalLM("/m"),
+                           ScaledLoRA(scale_name="rs", dim=4, target_modules=("q_proj",)),
+                           llm.SquadHFDataModule("org/data", seq_length=64, packed_sequence_size=128), None)
+    assert params["peft.scale_name"] == "rs" and params["peft.dim"] == 4 and params["peft.target_modules"] == ["q_proj"]
+    assert params["peft._target_"].endswith("ScaledLoRA") and "peft.dropout_position" not in params
+    assert params["data.path_or_dataset"] == "org/data" and params["data.formatting"] == "squad"
+    assert params["data.packed_sequence_size"] == 128 and params["data.split"] == "train"
+    assert params["trainer.max_steps"] == 3 and params["trainer.enable_progress_bar"] is False
+    assert params["trainer.strategy"] == "single" and params["model.model_id"] == "/m" and "optim._target_" not in params
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def _plain_finetune(tiny_llama, tmp_path, **log_kw):
     return llm.api.finetune(

@@ -30,7 +30,7 @@ from nemo_automodel import lightning as nl
 from nemo_automodel import llm
 from nemo_automodel.demo import assets
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.export import Job, generate_jobs, serve_command
+from nemo_automodel.export import GenerationJob, generate_jobs, serve_command
 
 # %% [markdown]
 # ## Settings
@@ -103,8 +103,9 @@ except ConfigError as err:
 
 # %%
 prompts = assets.demo_eval_prompts()[:3]
-jobs = [Job(adapter_export, prompts, max_tokens=32), Job(adapter_export, prompts, max_tokens=32, use_adapter=False),
-        Job(merged_export, prompts, max_tokens=32)]
+jobs = [GenerationJob(adapter_export, prompts, max_tokens=32),
+        GenerationJob(adapter_export, prompts, max_tokens=32, use_adapter=False),
+        GenerationJob(merged_export, prompts, max_tokens=32)]
 try:
     adapter_out, base_out, merged_out = generate_jobs(jobs, dtype="float32", python=args.python)
 except ConfigError as err:  # no vLLM venv: `make vllm-venv`

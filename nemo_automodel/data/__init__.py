@@ -1,6 +1,7 @@
 """Data layer: load any ``datasets`` source, format it (SQuAD, chat, text or pre-tokenized),
 pack it, and serve deterministic, resumable, data-parallel micro-batches; image + text chats for
 vision-language models (``image_datamodule.py``, encoded per micro-batch by the model's processor).
+Both data modules derive from ``base.SampledDataModule`` (shared arguments, sampler, batches, position).
 
 Batches are dicts of CPU tensors right-padded to the longest row: ``input_ids``, ``labels``
 (already shifted), ``loss_mask`` (float32) and ``position_ids`` (restarting per packed sample).

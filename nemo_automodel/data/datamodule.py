@@ -8,33 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from nemo_automodel.data.base import Batch, SampledDataModule
 from nemo_automodel.data.collate import collate
 from nemo_automodel.data.formatting import Formatting, check_columns, check_formatting, make_formatter
-from nemo_automodel.data.loading import check_local_source, load_split, open_local, parse_split
+from nemo_automodel.data.loading import load_split, open_local
 from nemo_automodel.data.rows import Rows, SampleStore, SplitAudit
-from nemo_automodel.data.sampler import (
-    MicroBatchSampler,
-    accumulation,
-    check_rank,
-    parse_position,
-    rank_batches,
-)
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 
 if TYPE_CHECKING:  # datasets is imported in setup(): building a graph stays fast
     import datasets
 
 logger = logging.getLogger(__name__)
-Batch = dict[str, torch.Tensor]
-# NeMo's HFDatasetDataModule takes these DataLoader knobs; batches are built in-process here.
-_NEMO_LOADER_KWARGS = ("num_workers", "pin_memory", "persistent_workers", "use_mcore_sampler",
-                       "mcore_dataloader_type")
 
 
 def _features() -> datasets.Features:
@@ -51,7 +40,7 @@ def _features() -> datasets.Features:
     })
 
 
-class HFDatasetDataModule:
+class HFDatasetDataModule(SampledDataModule):
     """Micro-batches for SFT / pretraining from any ``datasets`` source.
 
     Args:
@@ -66,7 +55,8 @@ class HFDatasetDataModule:
         shuffle / seed: epoch order (``torch.Generator`` seeded with ``seed + epoch``).
         limit_samples: keep only the first N rows of the training split.
         num_proc: processes for ``Dataset.map``.
-        **load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name``, ``cache_dir``).
+        **load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name``, ``cache_dir``; NeMo's DataLoader
+            knobs, e.g. ``num_workers``, are dropped).
     """
 
     def __init__(self, path_or_dataset: Any, split: str = "train", val_split: str | None = None,
@@ -75,40 +65,16 @@ class HFDatasetDataModule:
                  packed_sequence_size: int = 0,
                  shuffle: bool = True, seed: int = 1234, limit_samples: int | None = None,
                  num_proc: int | None = None, **load_kwargs: Any):
-        check_int("seq_length", seq_length, 2)
-        check_int("micro_batch_size", micro_batch_size, 1)
-        check_int("global_batch_size", global_batch_size, 1, allow_none=True)
         check_int("pad_token_id", pad_token_id, 0, allow_none=True)
-        check_int("packed_sequence_size", packed_sequence_size, 0)
-        check_int("seed", seed, 0)
-        check_int("limit_samples", limit_samples, 1, allow_none=True)
         check_int("num_proc", num_proc, 1, allow_none=True)
-        if global_batch_size is not None and global_batch_size % micro_batch_size:
-            raise bad_value("global_batch_size", global_batch_size,
-                            f"a multiple of micro_batch_size={micro_batch_size}")
         if packed_sequence_size == 1:
             raise bad_value("packed_sequence_size", 1, "0 (no packing) or at least 2 tokens")
         check_formatting(formatting)
-        parse_split(split, "split")
-        if val_split is not None:
-            parse_split(val_split, "val_split")
-        check_local_source(path_or_dataset)
-        for key in _NEMO_LOADER_KWARGS:
-            load_kwargs.pop(key, None)
-        self.path_or_dataset, self.split, self.val_split = path_or_dataset, split, val_split
-        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
-        self.global_batch_size = global_batch_size
-        self.pad_token_id, self.formatting = pad_token_id, formatting
-        self.packed_sequence_size, self.shuffle, self.seed = packed_sequence_size, shuffle, seed
-        self.limit_samples, self.num_proc, self.load_kwargs = limit_samples, num_proc, load_kwargs
+        super().__init__(path_or_dataset, split, val_split, seq_length, micro_batch_size, global_batch_size,
+                         packed_sequence_size, shuffle, seed, limit_samples, **load_kwargs)
+        self.pad_token_id, self.formatting, self.num_proc = pad_token_id, formatting, num_proc
         self._maps: list[tuple[Callable, dict[str, Any]]] = []
-        self._cache_key: tuple | None = None
-        self._train: Rows | None = None
-        self._val: Rows | None = None
         self._audits: dict[str, SplitAudit] = {}
-        self._sampler: MicroBatchSampler | None = None
-        self._state = {"epoch": 0, "batch_in_epoch": 0}
-        self._dp_rank, self._dp_size = 0, 1
 
     # ---- recorded maps -------------------------------------------------------------------
     def map(self, function: Callable, **kwargs: Any) -> HFDatasetDataModule:
@@ -120,25 +86,18 @@ class HFDatasetDataModule:
         return self
 
     # ---- setup -----------------------------------------------------------------------------
-    def setup(self, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1) -> None:
-        """Load, map, format, filter and pack; build this rank's sampler. Cheap when repeated."""
-        check_rank(dp_rank, dp_size)
-        self._dp_rank, self._dp_size = dp_rank, dp_size
-        _ = self.accumulate_grad_batches  # raises early when not divisible
-        key = (id(tokenizer), len(self._maps), self.split, self.val_split, self.seq_length, self.formatting,
-               self.packed_sequence_size, self.pad_token_id, self.limit_samples)
-        if key != self._cache_key:
-            pad = self._resolve_pad(tokenizer)
-            splits = open_local(self.path_or_dataset, self.load_kwargs)
-            self._train = self._prepare(tokenizer, splits, self.split, "split", pad, self.limit_samples)
-            self._val = (self._prepare(tokenizer, splits, self.val_split, "val_split", pad, None)
-                         if self.val_split else None)
-            self._pad_id, self._cache_key = pad, key
-        if self._sampler is not None:
-            self._state = self._sampler.state_dict()
-        self._sampler = MicroBatchSampler(len(self._train), self.micro_batch_size, dp_rank, dp_size,
-                                          self.shuffle, self.seed)
-        self._sampler.load_state_dict(self._state)
+    def _setup_key(self, tokenizer: Any) -> tuple:
+        return super()._setup_key(tokenizer) + (len(self._maps), self.formatting, self.packed_sequence_size,
+                                                self.pad_token_id)
+
+    def _load(self, tokenizer: Any) -> tuple[Rows, Rows | None]:
+        """Load, map, format, filter and pack both splits."""
+        pad = self._resolve_pad(tokenizer)
+        splits = open_local(self.path_or_dataset, self.load_kwargs)
+        train = self._prepare(tokenizer, splits, self.split, "split", pad, self.limit_samples)
+        val = self._prepare(tokenizer, splits, self.val_split, "val_split", pad, None) if self.val_split else None
+        self._pad_id = pad
+        return train, val
 
     def _resolve_pad(self, tokenizer: Any) -> int:
         for pad in (self.pad_token_id, getattr(tokenizer, "pad_token_id", None),
@@ -212,28 +171,7 @@ class HFDatasetDataModule:
                            f"shortest prompt has {shortest} tokens), so every row loses its trained "
                            f"tokens: raise {field}")
 
-    # ---- properties ------------------------------------------------------------------------
-    def _require_setup(self) -> None:
-        if self._train is None:
-            raise RuntimeError("HFDatasetDataModule.setup(tokenizer, dp_rank, dp_size) must run first")
-
-    @property
-    def accumulate_grad_batches(self) -> int | None:
-        """Micro-batches per optimizer step on each rank (None without ``global_batch_size``)."""
-        return accumulation(self.global_batch_size, self.micro_batch_size, self._dp_size)
-
-    @property
-    def train_dataset(self) -> Rows:
-        """Training rows (packed rows when packing); ``len()`` gives their number."""
-        self._require_setup()
-        return self._train
-
-    @property
-    def val_dataset(self) -> Rows | None:
-        """Validation rows, or None without ``val_split``."""
-        self._require_setup()
-        return self._val
-
+    # ---- text-only views ------------------------------------------------------------------
     def audit(self, which: str = "train") -> SplitAudit:
         """Truncation and dropped rows of the ``"train"`` or ``"val"`` split (after ``setup``)."""
         self._require_setup()
@@ -248,55 +186,8 @@ class HFDatasetDataModule:
         self._require_setup()
         return self._pad_id
 
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        """Training micro-batches per epoch on this rank."""
-        self._require_setup()
-        return self._sampler.batches_per_epoch
-
-    # ---- batches ---------------------------------------------------------------------------
     def _collate(self, rows: Rows, indices: np.ndarray) -> Batch:
         return collate([rows[int(i)] for i in indices], self._pad_id)
-
-    def train_batches(self) -> Iterator[Batch]:
-        """Infinite iterator over this rank's training micro-batches, from the current state."""
-        self._require_setup()
-        for indices in self._sampler:
-            yield self._collate(self._train, indices)
-
-    @property
-    def has_validation(self) -> bool:
-        """Whether a ``val_split`` was configured."""
-        return self.val_split is not None
-
-    def val_batches(self) -> list[Batch] | None:
-        """Validation micro-batches for this rank in order (None without ``val_split``).
-
-        With one rank every row is used (the last batch may be short); with several, the
-        incomplete tail is dropped so all ranks run the same number of batches.
-        """
-        self._require_setup()
-        if self._val is None:
-            return None
-        order = np.arange(len(self._val))
-        drop = self._dp_size > 1
-        batches = rank_batches(order, self.micro_batch_size, self._dp_rank, self._dp_size, drop_last=drop)
-        if drop and len(self._val) % (self.micro_batch_size * self._dp_size):
-            logger.warning("val_split: %d rows do not fill a micro-batch on every rank and are skipped",
-                           len(self._val) % (self.micro_batch_size * self._dp_size))
-        return [self._collate(self._val, b) for b in batches]
-
-    # ---- checkpointing ---------------------------------------------------------------------
-    def state_dict(self) -> dict[str, int]:
-        """Position of the next training micro-batch: ``{"epoch", "batch_in_epoch"}``."""
-        return self._sampler.state_dict() if self._sampler is not None else dict(self._state)
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Resume the next ``train_batches()`` at ``state`` (may be called before ``setup``)."""
-        if self._sampler is not None:
-            self._sampler.load_state_dict(state)
-        else:
-            self._state = parse_position(state)
 
 
 class SquadHFDataModule(HFDatasetDataModule):

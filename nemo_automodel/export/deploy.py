@@ -44,7 +44,7 @@ class Completion:
 
 
 @dataclass
-class Job:
+class GenerationJob:
     """Prompts for one export. ``chat`` renders them with the export's chat template (``LLM.chat``);
     ``use_adapter=False`` asks an adapter export's base model without the adapter.
 
@@ -134,7 +134,7 @@ def wire_prompt(prompt: Prompt, where: str = "prompt") -> Prompt:
     return {"prompt": text, "images": [_png_base64(image, f"{where}, image {i}") for i, image in enumerate(images)]}
 
 
-def _payload(jobs: list[Job], dtype: str) -> dict[str, Any]:
+def _payload(jobs: list[GenerationJob], dtype: str) -> dict[str, Any]:
     specs: dict[tuple, dict] = {}
     out = []
     for job in jobs:
@@ -156,7 +156,7 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def generate_jobs(jobs: list[Job], dtype: str = "auto", python: str | Path | None = None,
+def generate_jobs(jobs: list[GenerationJob], dtype: str = "auto", python: str | Path | None = None,
                   timeout: float = 1800) -> list[list[Completion]]:
     """Greedy generation for several jobs in one vLLM process (one engine per export)."""
     payload = _payload(jobs, dtype)
@@ -165,7 +165,7 @@ def generate_jobs(jobs: list[Job], dtype: str = "auto", python: str | Path | Non
 
         try:
             results = vllm_runner.run(payload)
-        except vllm_runner.PreflightError as err:
+        except vllm_runner.EngineSpecError as err:
             raise ConfigError(str(err)) from None
         return [[Completion(**c) for c in job] for job in results]
     exe = vllm_python(python)
@@ -187,7 +187,7 @@ def generate(export_dir: str | Path, prompts: list[Prompt], max_tokens: int = 64
              **engine_kwargs: Any) -> list[Completion]:
     """Start vLLM on an export and answer ``prompts`` greedily (an adapter export is served with
     ``LoRARequest`` on its base model). Extra keyword arguments go to ``vllm.LLM``."""
-    job = Job(export_dir, prompts, max_tokens, chat, use_adapter, engine_kwargs)
+    job = GenerationJob(export_dir, prompts, max_tokens, chat, use_adapter, engine_kwargs)
     return generate_jobs([job], dtype=dtype, python=python)[0]
 
 

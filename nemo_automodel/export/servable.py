@@ -11,7 +11,7 @@ weights whose module path matches no layer (only the last name component is chec
 - LoRA on ``nn.Linear`` and ``nn.Embedding`` layers only: GPT-2-style ``Conv1D`` or convolution
   layers cannot be served (vLLM's GPT-2 has no LoRA support at all). Whether the architecture
   takes embedding / lm_head adapters is checked in the vLLM venv before the engine starts
-  (``vllm_runner.preflight``).
+  (``vllm_runner.check_engine_spec``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ torchvision) runs on vLLM's Transformers backend (``model_impl="transformers"``)
 
 Consecutive jobs with the same engine share one ``vllm.LLM``. ``OUT.json`` is ``{"results": [[
 {"prompt_token_ids", "token_ids", "text"}, ...] per job]}`` or ``{"error": "one line"}`` (exit 2)
-when ``preflight`` rejects a job before its engine starts.
+when ``check_engine_spec`` rejects a job before its engine starts.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sys
 from typing import Any
 
 
-class PreflightError(ValueError):
+class EngineSpecError(ValueError):
     """The job cannot run; raised before its vLLM engine starts."""
 
 
@@ -50,7 +50,7 @@ def _native_classes(model: str) -> dict[str, Any]:
     return {arch: load(arch) for arch in _architectures(model)} if load else {}
 
 
-def preflight(engine: dict[str, Any]) -> None:
+def check_engine_spec(engine: dict[str, Any]) -> None:
     """Reject a LoRA job whose architecture vLLM cannot adapt, before the engine starts."""
     lora = engine.get("lora")
     if not lora:
@@ -61,13 +61,13 @@ def preflight(engine: dict[str, Any]) -> None:
         if cls is None:
             continue  # vLLM's Transformers backend serves it and reports for itself
         if not supports_lora(cls):
-            raise PreflightError(f"vLLM's {cls.__name__} ({arch}) does not support LoRA adapters: export the "
+            raise EngineSpecError(f"vLLM's {cls.__name__} ({arch}) does not support LoRA adapters: export the "
                                  "checkpoint with mode='merged'")
         embedding = set(getattr(cls, "embedding_modules", {}) or {})
         bad = sorted({m.rsplit(".", 1)[-1] for m in lora.get("modules", [])} & {"embed_tokens", "lm_head",
                                                                                 "wte", "embed_in", "embed_out"})
         if bad and not set(bad) <= embedding:
-            raise PreflightError(f"vLLM's {cls.__name__} ({arch}) serves no LoRA on {bad} (its embedding "
+            raise EngineSpecError(f"vLLM's {cls.__name__} ({arch}) serves no LoRA on {bad} (its embedding "
                                  f"modules: {sorted(embedding) or 'none'}): export with mode='merged'")
 
 
@@ -147,10 +147,10 @@ def _generate(llm, engine: dict[str, Any], request: dict[str, Any]) -> list[dict
 
 
 def run(payload: dict[str, Any]) -> list[list[dict[str, Any]]]:
-    """Run every job (preflight first for all of them); one engine per run of equal engine specs."""
+    """Run every job (every engine spec checked first); one engine per run of equal engine specs."""
     jobs = payload["jobs"]
     for job in jobs:
-        preflight(job["engine"])
+        check_engine_spec(job["engine"])
     results: list[list[dict[str, Any]]] = []
     llm, current = None, None
     for job in jobs:
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
     try:
         answer: dict[str, Any] = {"results": run(payload)}
         code = 0
-    except PreflightError as err:
+    except EngineSpecError as err:
         answer, code = {"error": str(err)}, 2
     with open(argv[1], "w") as f:
         json.dump(answer, f)

@@ -1,7 +1,7 @@
 """The memory planner on a recipe graph: the one place where the planner reads Fiddle nodes.
 
 ``job_from_recipe`` turns a ``run.Partial(finetune | pretrain, model=…, peft=…, data=…, trainer=…)``
-into a `nemo_automodel.plan.Job` (plain values); ``plan_recipe`` plans it.
+into a `nemo_automodel.plan.TrainingJob` (plain values); ``plan_recipe`` plans it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import fiddle as fdl
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.models import HFAutoModelForCausalLM
-from nemo_automodel.plan import Job, Plan, plan
+from nemo_automodel.plan import Plan, TrainingJob, plan
 
 _STRATEGY_NAMES = {"SingleDeviceStrategy": "single", "DDPStrategy": "ddp", "FSDP2Strategy": "fsdp2"}
 
@@ -49,7 +49,7 @@ def _strategy(trainer: fdl.Buildable) -> str | None:
 
 
 def strategy_sizes(trainer: fdl.Buildable) -> dict[str, Any]:
-    """``FSDP2Strategy``'s tensor/context-parallel sizes and TP plan as `Job` fields (1/1/None for any other)."""
+    """``FSDP2Strategy``'s tensor/context-parallel sizes and TP plan as `TrainingJob` fields (1/1/None for any other)."""
     strategy = _arg(trainer, "strategy")
     if strategy is None or isinstance(strategy, str):
         return {"tensor_parallel": 1, "context_parallel": 1, "tp_plan": None}
@@ -59,8 +59,8 @@ def strategy_sizes(trainer: fdl.Buildable) -> dict[str, Any]:
 
 
 def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int | None = None,
-                    device: str | None = None, build_nodes: bool = True) -> Job:
-    """The `Job` a recipe graph describes; ``gpus``/``seq``/``device`` override what it says. ``gpus`` are
+                    device: str | None = None, build_nodes: bool = True) -> TrainingJob:
+    """The `TrainingJob` a recipe graph describes; ``gpus``/``seq``/``device`` override what it says. ``gpus`` are
     all processes: the data-parallel replicas are gpus / (tensor x context parallel sizes of the strategy).
 
     ``build_nodes``: a ``model_id`` given as a graph node (e.g. the demo's model folder) is built
@@ -81,7 +81,7 @@ def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int 
     accumulate = (max(1, global_batch // (micro * replicas)) if global_batch else
                   int(_arg(trainer, "accumulate_grad_batches", 1)))
     chunked = _arg(model, "chunked_loss", False) or _arg(model, "use_liger_kernel", False)
-    return Job(
+    return TrainingJob(
         model=_model_id(model, build_nodes),
         peft=fdl.build(peft) if isinstance(peft, fdl.Buildable) else peft,
         precision=str(_arg(trainer, "precision", "32")),

@@ -40,22 +40,36 @@ def looks_local(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
 
 
-def check_model_folder(model_id: str) -> None:
+def check_model_folder(model_id: str, field: str = "model_id") -> None:
     """A local ``model_id`` must be a folder with ``config.json``."""
     if looks_local(model_id) and not (Path(model_id).expanduser() / "config.json").is_file():
-        raise ConfigError(f"model_id={model_id!r} is not a model folder (no config.json there): "
+        raise ConfigError(f"{field}={model_id!r} is not a model folder (no config.json there): "
                           "pass an existing local folder or a Hugging Face model id")
 
 
-def load_config(model_id: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
-    """The model's transformers config (``config.json`` only: no weights)."""
-    from transformers import AutoConfig
+def load_config(model_id: Any, trust_remote_code: bool = False, revision: str | None = None, *,
+                local_files_only: bool = False, field: str = "model_id") -> Any:
+    """The model's transformers config (``config.json`` only: no weights); a config is returned as it is.
 
-    check_model_folder(model_id)
+    ``local_files_only`` reads only a local folder or the local Hugging Face cache (the planner never
+    downloads); ``field`` names the argument in the one-line errors.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model_id, PretrainedConfig):
+        return model_id
+    model_id = str(model_id)
+    check_model_folder(model_id, field)
+    local = looks_local(model_id)
     try:
-        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code, revision=revision)
+        return AutoConfig.from_pretrained(str(Path(model_id).expanduser()) if local else model_id, revision=revision,
+                                          trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model_id={model_id!r} could not be loaded: {first_line(err)} (check the id or folder; "
+        if local_files_only and not local:
+            raise ConfigError(f"{field}={model_id!r} is not a local folder and not in the local Hugging Face cache "
+                              "(nothing is downloaded here): pass a model folder, or fetch the config first, e.g. "
+                              f"`huggingface-cli download {model_id} config.json`") from None
+        raise ConfigError(f"{field}={model_id!r} could not be loaded: {first_line(err)} (check the id or folder; "
                           "offline runs need a local folder or a cached model)") from err
 
 

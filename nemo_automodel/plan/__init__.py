@@ -42,7 +42,7 @@ It works from the Hugging Face config alone. The accounting, per device, at the 
   from forward to backward; its gradients are reduce-scattered only at the end), two decoder
   layers (the current and the prefetched one, in the compute dtype) and one layer's fp32
   gradients before their reduce-scatter.
-- **Tensor parallel** (``Job.tensor_parallel`` T, ``FSDP2Strategy(tensor_parallel_size=T)``): the
+- **Tensor parallel** (``TrainingJob.tensor_parallel`` T, ``FSDP2Strategy(tensor_parallel_size=T)``): the
   meta model gets one TP rank's shapes by the plan the real run applies (the model's
   ``base_model_tp_plan`` or ``tp_plan``, LoRA per part; ``meta_model.shard_tensor_parallel``), so
   weights, gradients and optimizer state of the planned Linear layers divide by T, embeddings, norms
@@ -50,7 +50,7 @@ It works from the Hugging Face config alone. The accounting, per device, at the 
   are one rank's: the projections' outputs and attention on the local heads, the residual stream
   and norms whole. FSDP2 then shards over the devices / T other ranks. Approximated: the
   all-reduce of a rowwise layer's partial output, and DTensor/collective buffers, are not counted.
-- **Context parallel** (``Job.context_parallel`` C, CUDA, unpacked rows): a row is padded to a
+- **Context parallel** (``TrainingJob.context_parallel`` C, CUDA, unpacked rows): a row is padded to a
   multiple of 2 x C and each rank rehearses its S / C tokens (activations, logits and loss are one
   rank's); FSDP2 shards over dp x cp. Approximated: ring attention's transient copies of the other
   ranks' keys and values (about two local k/v blocks) are not counted.
@@ -61,21 +61,32 @@ It works from the Hugging Face config alone. The accounting, per device, at the 
 Checked against real CPU training steps in ``tests/plan/test_plan_vs_measured.py`` (peak RSS
 growth; 3 architectures x LoRA/full x checkpointing x 2 sequence lengths, plus bf16 autocast,
 bf16-true and a 4-bit base): within 3.5 % of every measurement, the test's bound is 15 %.
+
+``Job`` was renamed ``TrainingJob``; the old name still imports, with a DeprecationWarning.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from nemo_automodel.plan.accounting import COMPONENTS, MemoryEstimate, estimate
-from nemo_automodel.plan.job import Job
+from nemo_automodel.plan.job import TrainingJob
 from nemo_automodel.plan.recommend import Advice, Change, recommend
 from nemo_automodel.plan.report import render
 from nemo_automodel.plan.units import GIB, gib, parse_memory
 
-__all__ = ["COMPONENTS", "GIB", "Advice", "Change", "Job", "MemoryEstimate", "Plan", "estimate", "gib", "plan",
+__all__ = ["COMPONENTS", "GIB", "Advice", "Change", "MemoryEstimate", "Plan", "TrainingJob", "estimate", "gib", "plan",
            "plan_memory", "parse_memory"]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "Job":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("nemo_automodel.plan.Job was renamed nemo_automodel.plan.TrainingJob", DeprecationWarning,
+                  stacklevel=2)
+    return TrainingJob
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,7 @@ class Plan:
         return render(self.estimate, self.budget, self.advice)
 
 
-def plan(job: Job, gpu_memory: int | float | str | None = None) -> Plan:
+def plan(job: TrainingJob, gpu_memory: int | float | str | None = None) -> Plan:
     """Estimate ``job`` and, given the memory per device (bytes, a number of GiB or ``"80GiB"``),
     say whether it fits and what to change if not."""
     est = estimate(job)
@@ -105,9 +116,9 @@ def plan(job: Job, gpu_memory: int | float | str | None = None) -> Plan:
 
 def plan_memory(model: Any, *, gpu_memory: int | float | str | None = None, peft: Any = None, **job: Any) -> Plan:
     """`plan` from plain arguments: ``model`` (id, folder or config), ``peft`` (a PEFT method, or
-    ``"lora"`` for LoRA rank 16 on every projection) and `Job`'s other fields."""
+    ``"lora"`` for LoRA rank 16 on every projection) and `TrainingJob`'s other fields."""
     if peft == "lora":
         from nemo_automodel.peft import LoRA
 
         peft = LoRA(target_modules=["*_proj"], dim=16, alpha=32)
-    return plan(Job(model, peft=peft, **job), gpu_memory)
+    return plan(TrainingJob(model, peft=peft, **job), gpu_memory)

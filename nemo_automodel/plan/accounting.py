@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from nemo_automodel.models.chunked_ce import lean_head_unsupported
+from nemo_automodel.models.hf_loading import load_config
 from nemo_automodel.parallel.context_parallel import padded_length
-from nemo_automodel.plan.job import Job
+from nemo_automodel.plan.job import TrainingJob
 from nemo_automodel.plan.meta_model import (
     ParamInfo,
     build_meta_model,
-    load_config,
     parameters_of,
     repeats_identically,
     shard_tensor_parallel,
@@ -44,7 +44,7 @@ class MemoryEstimate:
     gradients may not exist yet; the optimizer row adds the step's temporaries).
     """
 
-    job: Job
+    job: TrainingJob
     architecture: str
     params: int
     trainable: int
@@ -86,7 +86,7 @@ def _peft_key(peft) -> str:
     return "" if peft is None else f"{type(peft).__qualname__}{json.dumps(vars(peft), sort_keys=True, default=str)}"
 
 
-def _rehearsal_dtypes(job: Job) -> tuple[torch.dtype, torch.dtype | None]:
+def _rehearsal_dtypes(job: TrainingJob) -> tuple[torch.dtype, torch.dtype | None]:
     """(dtype the model computes in during the step, autocast dtype to emulate)."""
     if job.precision != "bf16-mixed" or job.weight_dtype != torch.float32:
         return job.compute_dtype, None
@@ -95,13 +95,13 @@ def _rehearsal_dtypes(job: Job) -> tuple[torch.dtype, torch.dtype | None]:
     return torch.float32, torch.bfloat16
 
 
-def local_seq_length(job: Job) -> int:
+def local_seq_length(job: TrainingJob) -> int:
     """Tokens per row on one rank: context parallel pads a row to a multiple of 2 x C and splits it in C."""
     return padded_length(job.seq_length, job.context_parallel) // job.context_parallel if job.context_parallel > 1 \
         else job.seq_length
 
 
-def _rehearse(job: Job, config) -> _Rehearsed:
+def _rehearse(job: TrainingJob, config) -> _Rehearsed:
     dtype, autocast = _rehearsal_dtypes(job)
     layers = config.num_hidden_layers
     full = _cached(("model", _config_key(config), dtype),
@@ -128,7 +128,7 @@ def _rehearse(job: Job, config) -> _Rehearsed:
                       type(full.module).__name__, tuple(notes))
 
 
-def _stored_bytes(p: ParamInfo, job: Job) -> float:
+def _stored_bytes(p: ParamInfo, job: TrainingJob) -> float:
     """Bytes a parameter occupies: ``job.quant_bits`` when quantized, adapters in their own dtype, the
     rest in the job's weight dtype."""
     if job.quantization and p.quantizable:
@@ -163,9 +163,9 @@ def _fsdp2_gathered(params: list[ParamInfo], compute_size: int) -> float:
     return float(root + 2 * block + block_grads)
 
 
-def estimate(job: Job) -> MemoryEstimate:
+def estimate(job: TrainingJob) -> MemoryEstimate:
     """Predict the peak memory of one device for ``job``: see the accounting in ``nemo_automodel.plan``."""
-    config = load_config(job.model, job.trust_remote_code)
+    config = load_config(job.model, job.trust_remote_code, local_files_only=True, field="model")
     key = ("rehearsal", _config_key(config), _peft_key(job.peft), *_rehearsal_dtypes(job), job.activation_checkpointing,
            job.chunked_loss, job.micro_batch_size, local_seq_length(job), job.packed, job.device,
            job.quantization and job.quant_compute_dtype, job.tensor_parallel, json.dumps(job.tp_plan, sort_keys=True))

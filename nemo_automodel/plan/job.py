@@ -1,4 +1,4 @@
-"""`Job`: what the planner needs to know about a fine-tuning job, as plain values."""
+"""`TrainingJob`: what the planner needs to know about a fine-tuning job, as plain values."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
-class Job:
+class TrainingJob:
     """One fine-tuning job, as the planner sees it.
 
     Args:
@@ -101,7 +101,7 @@ class Job:
         """The data-parallel replicas: devices / (tensor_parallel x context_parallel)."""
         return self.devices // (self.tensor_parallel * self.context_parallel)
 
-    def replace(self, **changes: Any) -> Job:
+    def replace(self, **changes: Any) -> TrainingJob:
         """A copy with ``changes`` applied (checked again)."""
         return dataclasses.replace(self, **changes)
 

@@ -1,8 +1,8 @@
 """The model on the meta device, built from its Hugging Face config alone: no weight is read.
 
-``load_config`` reads ``config.json`` from a local folder or the local Hugging Face cache (never
-the network); ``build_meta_model`` builds the causal LM on the meta device, optionally with fewer
-decoder layers, then applies activation checkpointing and the PEFT method exactly as
+The config comes from ``models.hf_loading.load_config(..., local_files_only=True)`` (a local folder or
+the local Hugging Face cache, never the network). ``build_meta_model`` builds the causal LM on the meta
+device, optionally with fewer decoder layers, then applies activation checkpointing and the PEFT method exactly as
 ``HFAutoModelForCausalLM`` does; ``shard_tensor_parallel`` gives it the shapes of one tensor-parallel
 rank; ``parameters_of`` lists what the parameters are.
 """
@@ -12,36 +12,12 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from nemo_automodel.errors import ConfigError, first_line
 from nemo_automodel.models.layers import decoder_layers, enable_activation_checkpointing
-
-
-def load_config(model: Any, trust_remote_code: bool = False):
-    """The ``transformers`` config of ``model`` (a config, a local folder, or a cached Hub id), offline."""
-    import transformers
-
-    if isinstance(model, transformers.PretrainedConfig):
-        return model
-    name = str(model)
-    folder = Path(name).expanduser()
-    looks_local = name.startswith(("/", "./", "../", "~")) or folder.exists()
-    if looks_local and not (folder / "config.json").is_file():
-        raise ConfigError(f"model {name!r} is not a model folder (no config.json there): pass a folder with a "
-                          "config.json, a cached Hugging Face model id or a recipe name")
-    try:
-        return transformers.AutoConfig.from_pretrained(str(folder) if looks_local else name, local_files_only=True,
-                                                       trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        if looks_local:
-            raise ConfigError(f"model {name!r}: config.json could not be read ({first_line(err)})") from None
-        raise ConfigError(f"model {name!r} is not a local folder and not in the local Hugging Face cache (the planner "
-                          "never downloads): pass a model folder, or fetch the config first, e.g. "
-                          f"`huggingface-cli download {name} config.json`") from None
 
 
 def architecture(config) -> str:

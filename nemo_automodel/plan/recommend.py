@@ -9,7 +9,7 @@ import torch
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.plan.accounting import GRADIENTS, OPTIMIZER, WEIGHTS, MemoryEstimate, estimate
-from nemo_automodel.plan.job import Job
+from nemo_automodel.plan.job import TrainingJob
 from nemo_automodel.plan.units import gib
 
 MAX_DEVICES = 4096
@@ -21,10 +21,10 @@ class Change:
 
     override: str
     why: str
-    apply: Callable[[Job], Job]
+    apply: Callable[[TrainingJob], TrainingJob]
 
 
-def _ladder(job: Job) -> list[Change | list[Change]]:
+def _ladder(job: TrainingJob) -> list[Change | list[Change]]:
     """Changes in order of cost (throughput, then quality); a list is alternatives, first that fits wins."""
     steps: list[Change | list[Change]] = []
     if not job.chunked_loss:
@@ -62,7 +62,7 @@ def _ladder(job: Job) -> list[Change | list[Change]]:
     return steps
 
 
-def _apply(job: Job, changes: list[Change]) -> Job:
+def _apply(job: TrainingJob, changes: list[Change]) -> TrainingJob:
     for change in changes:
         job = change.apply(job)
     return job
@@ -82,7 +82,7 @@ def fits(est: MemoryEstimate, budget: float) -> bool:
     return est.total <= budget
 
 
-def recommend(job: Job, budget: float) -> Advice:
+def recommend(job: TrainingJob, budget: float) -> Advice:
     """The cheapest settings (fewest, earliest in `_ladder`'s order) under which ``job`` fits ``budget``
     bytes per device."""
     chosen: list[Change] = []
@@ -109,7 +109,7 @@ def recommend(job: Job, budget: float) -> Advice:
     return Advice(tuple(chosen), result)
 
 
-def min_devices(job: Job, budget: float) -> int | None:
+def min_devices(job: TrainingJob, budget: float) -> int | None:
     """The fewest GPUs with which ``job`` fits under FSDP2 (None: not even with MAX_DEVICES); a multiple
     of tensor_parallel x context_parallel."""
     group = job.tensor_parallel * job.context_parallel
@@ -130,7 +130,7 @@ def min_devices(job: Job, budget: float) -> int | None:
     return hi * group
 
 
-def _why_not(job: Job, budget: float) -> str:
+def _why_not(job: TrainingJob, budget: float) -> str:
     """Why ``job`` (already with every change) does not fit: the largest part, and how many GPUs would do."""
     try:
         est = estimate(job)

@@ -23,6 +23,7 @@ so replayed steps are kept. A run that starts at step 0 starts a new tracker run
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -304,30 +305,29 @@ def start_trackers(trackers: list[Tracker], run_dir: Path, params: dict[str, Any
 
 
 def object_params(trainer: Any, model: Any, peft: Any, data: Any, optim: Any) -> dict[str, Any]:
-    """The params a plain-Python run records: what the built objects say, under the keys a recipe
-    graph would use (``trainer.max_steps``, ``peft.dim``, ``optim.optimizer_fn.lr``…)."""
+    """The params a plain-Python run records, under the keys a recipe graph would use (``trainer.max_steps``,
+    ``peft.dim``, ``optim.optimizer_fn.lr``…): each object's constructor arguments (`constructor_args`)
+    read back from its attribute of the same name, where that value is plain."""
     out: dict[str, Any] = {}
 
-    def put(prefix: str, obj: Any, fields: tuple[str, ...]) -> None:
+    def put(prefix: str, obj: Any) -> None:
         out[prefix + "._target_"] = None if obj is None else _qualname(type(obj))
-        for field in fields:
-            value = getattr(obj, field, None)
+        attributes = getattr(obj, "__dict__", {})  # what the constructor stored: no property runs
+        for name in constructor_args(type(obj)):
+            value = attributes.get(name)
             if value is not None and _plain(value):
-                out[f"{prefix}.{field}"] = list(value) if isinstance(value, tuple) else value
+                out[f"{prefix}.{name}"] = list(value) if isinstance(value, tuple) else value
 
-    put("trainer", trainer, ("devices", "num_nodes", "max_steps", "max_epochs", "precision",
-                             "accumulate_grad_batches", "gradient_clip_val", "val_check_interval",
-                             "log_every_n_steps", "seed"))
+    put("trainer", trainer)
     out["trainer.strategy"] = getattr(getattr(trainer, "strategy", None), "name", None)
-    put("model", model, ("model_id", "load_pretrained_weights", "activation_checkpointing"))
-    put("data", data, ("path_or_dataset", "formatting", "seq_length", "micro_batch_size", "global_batch_size",
-                       "packed_sequence_size"))
+    put("model", model)
+    put("data", data)
     if peft is not None:
-        put("peft", peft, ("dim", "alpha", "dropout", "target_modules"))
+        put("peft", peft)
     else:
         out["peft"] = None
     if optim is not None:
-        put("optim", optim, ())
+        put("optim", optim)
         fn = getattr(optim, "optimizer_fn", None)
         if hasattr(fn, "func") and hasattr(fn, "keywords"):  # functools.partial(torch.optim.AdamW, lr=...)
             out["optim.optimizer_fn._target_"] = _qualname(fn.func)
@@ -335,6 +335,21 @@ def object_params(trainer: Any, model: Any, peft: Any, data: Any, optim: Any) ->
                 if _plain(value):
                     out[f"optim.optimizer_fn.{key}"] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def constructor_args(cls: type) -> list[str]:
+    """The named ``__init__`` arguments of ``cls`` and of its bases (a subclass that passes ``**kwargs`` on
+    keeps its base's), in order; ``*args``/``**kwargs`` themselves are not names."""
+    names: dict[str, None] = {}
+    for klass in cls.__mro__[:-1]:  # not object
+        init = vars(klass).get("__init__")
+        try:
+            params = inspect.signature(init).parameters.values() if init is not None else ()
+        except (TypeError, ValueError):  # a C-level __init__
+            continue
+        names.update((p.name, None) for p in params
+                     if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return list(names)
 
 
 # -- helpers --------------------------------------------------------------------------------------

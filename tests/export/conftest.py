@@ -19,7 +19,7 @@ from export_support import (
 )
 
 from nemo_automodel import llm
-from nemo_automodel.export import Job, export, generate_jobs
+from nemo_automodel.export import GenerationJob, export, generate_jobs
 from tests.helpers import chat_dataset, unavailable
 from tests.parallel import shared_build
 
@@ -89,11 +89,11 @@ def lora_exports(lora_run, tmp_path_factory) -> dict[str, Path]:
 def vllm_results(vllm_python, sft_export, lora_exports) -> dict[str, list]:
     """Every engine test's vLLM answers from one vLLM process (three engines, started once each)."""
     jobs = {
-        "sft": Job(sft_export, PROMPTS, MAX_TOKENS),
-        "sft_conversation": Job(sft_export, [CONVERSATION], MAX_TOKENS),
-        "lora": Job(lora_exports["adapter"], PROMPTS, MAX_TOKENS),
-        "lora_base": Job(lora_exports["adapter"], PROMPTS, MAX_TOKENS, use_adapter=False),
-        "lora_merged": Job(lora_exports["merged"], PROMPTS, MAX_TOKENS),
+        "sft": GenerationJob(sft_export, PROMPTS, MAX_TOKENS),
+        "sft_conversation": GenerationJob(sft_export, [CONVERSATION], MAX_TOKENS),
+        "lora": GenerationJob(lora_exports["adapter"], PROMPTS, MAX_TOKENS),
+        "lora_base": GenerationJob(lora_exports["adapter"], PROMPTS, MAX_TOKENS, use_adapter=False),
+        "lora_merged": GenerationJob(lora_exports["merged"], PROMPTS, MAX_TOKENS),
     }
     results = generate_jobs(list(jobs.values()), dtype="float32", python=vllm_python)
     return dict(zip(jobs, results, strict=True))

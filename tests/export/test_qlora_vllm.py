@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nemo_automodel import lightning as nl
 from nemo_automodel import llm
-from nemo_automodel.export import Job, export, generate_jobs
+from nemo_automodel.export import GenerationJob, export, generate_jobs
 from tests.helpers import require_module, train_losses
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -42,7 +42,7 @@ def qlora_export(sft_export, tmp_path_factory):
 def test_qlora_merged_export_serves_in_vllm(vllm_python, qlora_export, sft_export):
     config = json.loads((qlora_export / "config.json").read_text())
     assert "quantization_config" not in config and config.get("dtype", "float32") == "float32"
-    [completions] = generate_jobs([Job(qlora_export, PROMPTS, MAX_TOKENS)], dtype="float32", python=vllm_python)
+    [completions] = generate_jobs([GenerationJob(qlora_export, PROMPTS, MAX_TOKENS)], dtype="float32", python=vllm_python)
     vllm_ids = token_ids(completions)
     assert_nontrivial(vllm_ids)
     tok = AutoTokenizer.from_pretrained(qlora_export)

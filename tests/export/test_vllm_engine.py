@@ -106,9 +106,9 @@ def test_lora_merged_export_equals_peft(vllm_results, lora_exports, sft_export):
     assert merged_ids == token_ids(vllm_results["lora"])
 
 
-def test_preflight_rejects_unservable_adapter_before_engine_starts(vllm_python, tmp_path, tiny_model_factory,
+def test_engine_spec_check_rejects_unservable_adapter_before_engine_starts(vllm_python, tmp_path, tiny_model_factory,
                                                                    tokenizer):
-    """Qwen2 in vLLM takes no lm_head adapter: the vLLM-side preflight says so before any engine starts."""
+    """Qwen2 in vLLM takes no lm_head adapter: the vLLM-side engine spec check says so before any engine starts."""
     from export_support import lora_checkpoint
 
     from nemo_automodel.errors import ConfigError
@@ -120,7 +120,7 @@ def test_preflight_rejects_unservable_adapter_before_engine_starts(vllm_python, 
     start = time.perf_counter()
     with pytest.raises(ConfigError, match=r"Qwen2ForCausalLM.*no LoRA on \['lm_head'\].*mode='merged'"):
         generate(out, ["hi"], python=vllm_python)
-    print(f"preflight rejected the adapter in {time.perf_counter() - start:.1f} s")
+    print(f"the engine spec check rejected the adapter in {time.perf_counter() - start:.1f} s")
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ import transformers
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.peft import LoRA
-from nemo_automodel.plan import Job, accounting, estimate, parse_memory, plan
+from nemo_automodel.plan import TrainingJob, accounting, estimate, parse_memory, plan
 from nemo_automodel.plan.accounting import ACTIVATION_ROW, GRADIENTS, LOGITS_ROW, OPTIMIZER, WEIGHTS
 from nemo_automodel.plan.recommend import recommend
 from tests.helpers import require_module
@@ -69,34 +69,34 @@ def test_bad_gpu_memory_is_one_line(text):
 # -- the arithmetic -------------------------------------------------------------------------------
 def test_fsdp2_over_8_gpus_divides_weights_gradients_and_optimizer_state():
     cfg = tiny()
-    single = estimate(Job(cfg, seq_length=256))
-    fsdp = estimate(Job(cfg, seq_length=256, devices=8, strategy="fsdp2"))
+    single = estimate(TrainingJob(cfg, seq_length=256))
+    fsdp = estimate(TrainingJob(cfg, seq_length=256, devices=8, strategy="fsdp2"))
     for part in (WEIGHTS, GRADIENTS, OPTIMIZER):
         assert fsdp.sizes[part] == pytest.approx(single.sizes[part] / 8)
     # what FSDP2 gathers whole (root module, two layers, a layer's gradients) is in the weights row
     assert fsdp.components[WEIGHTS] > fsdp.sizes[WEIGHTS]
-    ddp = estimate(Job(cfg, seq_length=256, devices=8, strategy="ddp"))
+    ddp = estimate(TrainingJob(cfg, seq_length=256, devices=8, strategy="ddp"))
     assert ddp.sizes == single.sizes  # a full replica per GPU, plus its gradient buckets
     assert ddp.components[GRADIENTS] >= single.sizes[GRADIENTS]
 
 
 def test_full_fine_tuning_states_are_two_adam_moments_per_parameter():
     cfg = tiny()
-    est = estimate(Job(cfg, seq_length=128))
+    est = estimate(TrainingJob(cfg, seq_length=128))
     n = n_params(cfg)
     assert est.params == est.trainable == n
     assert est.sizes == {WEIGHTS: 4 * n, GRADIENTS: 4 * n, OPTIMIZER: 8 * n}
-    true = estimate(Job(cfg, seq_length=128, precision="bf16-true"))  # bf16 weights, gradients and AdamW state
+    true = estimate(TrainingJob(cfg, seq_length=128, precision="bf16-true"))  # bf16 weights, gradients and AdamW state
     assert true.sizes == {WEIGHTS: 2 * n, GRADIENTS: 2 * n, OPTIMIZER: 4 * n}
 
 
 def test_lora_has_no_base_gradients_and_keeps_adapters_fp32():
     cfg = tiny()
     n, a = n_params(cfg), adapter_params(cfg)
-    est = estimate(Job(cfg, peft=lora(), seq_length=128))
+    est = estimate(TrainingJob(cfg, peft=lora(), seq_length=128))
     assert (est.params, est.trainable) == (n, a)
     assert est.sizes == {WEIGHTS: 4 * (n + a), GRADIENTS: 4 * a, OPTIMIZER: 8 * a}
-    true = estimate(Job(cfg, peft=lora(), seq_length=128, precision="bf16-true"))  # bf16 base, fp32 adapters
+    true = estimate(TrainingJob(cfg, peft=lora(), seq_length=128, precision="bf16-true"))  # bf16 base, fp32 adapters
     assert true.sizes == {WEIGHTS: 2 * n + 4 * a, GRADIENTS: 4 * a, OPTIMIZER: 8 * a}
 
 
@@ -104,10 +104,10 @@ def test_qlora_weights_are_about_4_5_bits_per_quantized_weight():
     cfg = tiny()
     n, a, q = n_params(cfg), adapter_params(cfg), decoder_linear_params(cfg)
     for precision, other in (("bf16-true", 2), ("32", 4)):  # embeddings, norms, output layer: the weight dtype
-        est = estimate(Job(cfg, peft=lora(), quantization="nf4", precision=precision, seq_length=128))
+        est = estimate(TrainingJob(cfg, peft=lora(), quantization="nf4", precision=precision, seq_length=128))
         assert est.sizes[WEIGHTS] == pytest.approx(q * 4.5 / 8 + (n - q) * other + 4 * a)
         assert est.sizes[OPTIMIZER] == 8 * a
-    double = estimate(Job(cfg, peft=lora(), quantization={"bnb_4bit_use_double_quant": True}, seq_length=128,
+    double = estimate(TrainingJob(cfg, peft=lora(), quantization={"bnb_4bit_use_double_quant": True}, seq_length=128,
                           precision="bf16-true"))
     assert double.sizes[WEIGHTS] == pytest.approx(q * (4 + 8 / 64 + 32 / 64 / 256) / 8 + (n - q) * 2 + 4 * a)
 
@@ -115,8 +115,8 @@ def test_qlora_weights_are_about_4_5_bits_per_quantized_weight():
 def test_qlora_activations_are_those_of_a_bf16_base():
     """bitsandbytes' 4-bit matmul keeps no activation for backward, like a frozen bf16 linear layer."""
     cfg = tiny(layers=4)
-    bf16 = estimate(Job(cfg, peft=lora(), precision="bf16-true", seq_length=1024, chunked_loss=True))
-    qlora = estimate(Job(cfg, peft=lora(), precision="bf16-true", quantization="nf4", seq_length=1024,
+    bf16 = estimate(TrainingJob(cfg, peft=lora(), precision="bf16-true", seq_length=1024, chunked_loss=True))
+    qlora = estimate(TrainingJob(cfg, peft=lora(), precision="bf16-true", quantization="nf4", seq_length=1024,
                          chunked_loss=True))
     assert qlora.components[ACTIVATION_ROW] == pytest.approx(bf16.components[ACTIVATION_ROW], rel=0.05)
 
@@ -126,8 +126,8 @@ def test_the_chunked_loss_removes_the_logits_term():
 
     cfg = tiny(vocab=8192)
     tokens_x_vocab = 8192 * 8192 * 4  # fp32 [tokens, vocab]
-    plain = estimate(Job(cfg, seq_length=8192, device="cpu"))
-    chunked = estimate(Job(cfg, seq_length=8192, device="cpu", chunked_loss=True))
+    plain = estimate(TrainingJob(cfg, seq_length=8192, device="cpu"))
+    chunked = estimate(TrainingJob(cfg, seq_length=8192, device="cpu", chunked_loss=True))
     assert plain.components[LOGITS_ROW] >= 3 * tokens_x_vocab  # logits, log-softmax, and their gradients
     # a chunk's logits (the next one is allocated before the last is dropped), and small per-token tensors
     assert chunked.components[LOGITS_ROW] < 2.5 * auto_chunk_size(8192) * 8192 * 4 < 0.2 * tokens_x_vocab
@@ -135,8 +135,8 @@ def test_the_chunked_loss_removes_the_logits_term():
 
 def test_activation_checkpointing_keeps_about_one_input_per_layer():
     cfg = tiny(layers=8)
-    off = estimate(Job(cfg, seq_length=2048, chunked_loss=True))
-    on = estimate(Job(cfg, seq_length=2048, chunked_loss=True, activation_checkpointing=True))
+    off = estimate(TrainingJob(cfg, seq_length=2048, chunked_loss=True))
+    on = estimate(TrainingJob(cfg, seq_length=2048, chunked_loss=True, activation_checkpointing=True))
     layer_input = 2048 * cfg.hidden_size * 4
     assert on.components[ACTIVATION_ROW] < off.components[ACTIVATION_ROW] / 3
     assert on.components[ACTIVATION_ROW] > cfg.num_hidden_layers * layer_input
@@ -150,7 +150,7 @@ def test_three_rehearsed_layers_extended_equal_rehearsing_all(monkeypatch, setti
     """Identical layers: the timeline of 3 rehearsed layers, extended to 10, is the one of all 10."""
     settings = dict(settings)
     peft = lora() if settings.pop("peft", None) else None
-    job = Job(tiny(layers=10), peft=peft, seq_length=512, micro_batch_size=2, **settings)
+    job = TrainingJob(tiny(layers=10), peft=peft, seq_length=512, micro_batch_size=2, **settings)
     extended = estimate(job)
     monkeypatch.setattr(accounting, "REHEARSED_LAYERS", 100)
     monkeypatch.setattr(accounting, "_CACHE", {})
@@ -168,13 +168,13 @@ def _plan_table_configs():
 
 def test_published_parameter_counts_of_the_readme_models():
     for name, (config, published) in _plan_table_configs().items():
-        est = estimate(Job(config, peft=lora(), precision="bf16-true", seq_length=64))
+        est = estimate(TrainingJob(config, peft=lora(), precision="bf16-true", seq_length=64))
         assert est.params == published, name
 
 
 # -- recommendations ------------------------------------------------------------------------------
 def test_the_cheapest_change_that_fits_is_recommended():
-    job = Job(tiny(vocab=8192), seq_length=2048, device="cpu")
+    job = TrainingJob(tiny(vocab=8192), seq_length=2048, device="cpu")
     with_chunked = estimate(job.replace(chunked_loss=True)).total
     advice = recommend(job, with_chunked + (1 << 20))
     assert [c.override for c in advice.changes] == ["model.chunked_loss=True"]
@@ -183,10 +183,10 @@ def test_the_cheapest_change_that_fits_is_recommended():
 
 
 def test_nothing_fits_says_why_and_how_many_gpus():
-    result = plan(Job(tiny(), seq_length=256), "1MiB")
+    result = plan(TrainingJob(tiny(), seq_length=256), "1MiB")
     assert result.fits is False and result.advice.result is None
     assert "> 0.0 GiB per GPU" in result.advice.reason or "GPUs with FSDP2" in result.advice.reason
-    big = plan(Job(_plan_table_configs()["Llama-3-70B"][0], seq_length=4096, precision="bf16-mixed"), "80GiB")
+    big = plan(TrainingJob(_plan_table_configs()["Llama-3-70B"][0], seq_length=4096, precision="bf16-mixed"), "80GiB")
     assert "the bf16 weights alone are 131.4 GiB > 80.0 GiB per GPU" in big.advice.reason
     assert "use >= 9 GPUs with FSDP2" in big.advice.reason
 
@@ -200,7 +200,7 @@ def test_nothing_fits_says_why_and_how_many_gpus():
 ])
 def test_an_architecture_it_cannot_estimate_is_named_in_one_line(make, match):
     with pytest.raises(ConfigError, match=match) as err:
-        estimate(Job(make(), seq_length=64))
+        estimate(TrainingJob(make(), seq_length=64))
     assert "\n" not in str(err.value)
 
 
@@ -219,8 +219,20 @@ def test_an_architecture_it_cannot_estimate_is_named_in_one_line(make, match):
 def test_bad_jobs_are_one_line(kwargs, match):
     kwargs = {"model": tiny(), **kwargs}
     with pytest.raises(ConfigError, match=match) as err:
-        estimate(Job(**kwargs))
+        estimate(TrainingJob(**kwargs))
     assert "\n" not in str(err.value)
+
+
+def test_the_old_job_names_import_with_a_deprecation_warning():
+    import nemo_automodel.export as export
+    import nemo_automodel.plan as planner
+
+    with pytest.warns(DeprecationWarning, match="plan.Job was renamed nemo_automodel.plan.TrainingJob"):
+        assert planner.Job is TrainingJob
+    with pytest.warns(DeprecationWarning, match="export.Job was renamed nemo_automodel.export.GenerationJob"):
+        assert export.Job is export.GenerationJob
+    with pytest.raises(AttributeError):
+        planner.NoSuchName  # noqa: B018
 
 
 # -- the entry points -----------------------------------------------------------------------------
@@ -301,7 +313,7 @@ def test_the_recipe_dryrun_prints_the_plan(monkeypatch, capsys, tmp_path, model_
 
     set_nemorun_home(str(tmp_path / "nemorun"))
     for model_id, expected in ((str(model_dir), "memory plan: LlamaForCausalLM"),
-                               ("/models/x", "memory plan: not estimated (model '/models/x' is not a model folder")):
+                               ("/models/x", "memory plan: not estimated (model='/models/x' is not a model folder")):
         monkeypatch.setattr(sys, "argv", ["hf_auto_model_for_causal_lm.py", f"model.model_id={model_id}", "--dryrun"])
         main(hf_recipe.finetune_recipe)
         assert expected in capsys.readouterr().out

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from nemo_automodel.peft import LoRA
-from nemo_automodel.plan import Job, estimate
+from nemo_automodel.plan import TrainingJob, estimate
 from nemo_automodel.plan.accounting import OPTIMIZER, WEIGHTS
 from tests.helpers import require_module
 from tests.plan.measure_step import LORA, config
@@ -49,7 +49,7 @@ def measured() -> list[dict]:
 
 def predicted_growth(arch: str, lora: bool, ckpt: bool, seq: int, precision: str = "32",
                      quantization: str | None = None) -> float:
-    est = estimate(Job(config(arch), peft=LoRA(**LORA) if lora else None, seq_length=seq,
+    est = estimate(TrainingJob(config(arch), peft=LoRA(**LORA) if lora else None, seq_length=seq,
                        activation_checkpointing=ckpt, device="cpu", precision=precision, quantization=quantization))
     return est.total - est.sizes[WEIGHTS] - est.sizes[OPTIMIZER]
 

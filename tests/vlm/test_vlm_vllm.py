@@ -7,7 +7,7 @@ import pytest
 from vlm_export_support import QUESTION, image, prompt_inputs, train
 
 from nemo_automodel.errors import ConfigError
-from nemo_automodel.export import Job, export, generate_jobs
+from nemo_automodel.export import GenerationJob, export, generate_jobs
 from nemo_automodel.export.deploy import vllm_python
 from nemo_automodel.models.processor import load_processor
 from tests.export.export_support import clear_greedy
@@ -41,9 +41,9 @@ def exports(python, tiny_vlm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(python, exports) -> dict[str, list]:
     """Every test's vLLM answers from one vLLM process (two engines)."""
-    jobs = {"merged": Job(exports["merged"], PROMPTS, MAX_TOKENS),
-            "adapter": Job(exports["adapter"], PROMPTS, MAX_TOKENS),
-            "base": Job(exports["adapter"], PROMPTS, MAX_TOKENS, use_adapter=False)}
+    jobs = {"merged": GenerationJob(exports["merged"], PROMPTS, MAX_TOKENS),
+            "adapter": GenerationJob(exports["adapter"], PROMPTS, MAX_TOKENS),
+            "base": GenerationJob(exports["adapter"], PROMPTS, MAX_TOKENS, use_adapter=False)}
     return dict(zip(jobs, generate_jobs(list(jobs.values()), dtype="float32", python=python), strict=True))
 
 
