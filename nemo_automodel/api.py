@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 from nemo_automodel.checkpoint import AutoResume
-from nemo_automodel.contracts import TrainableModel
+from nemo_automodel.contracts import DataModule, OptimizerModule, PeftMethod, TrainableModel
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.trainer import NeMoLogger, Trainer
 
 
-def finetune(model: TrainableModel, data, trainer: Trainer, peft=None, optim=None,
+def finetune(model: TrainableModel, data: DataModule, trainer: Trainer, peft: PeftMethod | None = None,
+             optim: OptimizerModule | None = None,
              log: NeMoLogger | None = None, resume: AutoResume | None = None, preflight: bool = False) -> Path:
     """Fine-tune ``model`` on ``data``: LoRA when ``peft`` is given, full SFT when it is None.
 
@@ -25,7 +26,7 @@ def finetune(model: TrainableModel, data, trainer: Trainer, peft=None, optim=Non
     return trainer.fit(model, data, peft=peft, optim=optim, log=log, resume=resume)
 
 
-def run_preflight(model, data, trainer: Trainer) -> None:
+def run_preflight(model: TrainableModel, data: DataModule, trainer: Trainer) -> None:
     """The data preflight of a job on every rank (the formatted data is reused by training); rank 0 prints it."""
     from nemo_automodel.data import HFDatasetDataModule
     from nemo_automodel.data.preflight import preflight
@@ -39,7 +40,7 @@ def run_preflight(model, data, trainer: Trainer) -> None:
     report.raise_for_problems()
 
 
-def pretrain(model: TrainableModel, data, trainer: Trainer, optim=None,
+def pretrain(model: TrainableModel, data: DataModule, trainer: Trainer, optim: OptimizerModule | None = None,
              log: NeMoLogger | None = None, resume: AutoResume | None = None) -> Path:
     """Train all weights (typically ``load_pretrained_weights=False``) with loss on every token."""
     return trainer.fit(model, data, peft=None, optim=optim, log=log, resume=resume)

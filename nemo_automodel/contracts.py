@@ -1,15 +1,17 @@
 """The seams between trainer, model, PEFT method, strategy, data and optimizer, as Protocols.
 
-The trainer, checkpointing and export call only what is written here. Each backend (the HF
+The trainer, the strategies and checkpointing call only what is written here. Each backend (the HF
 path in ``models/``, Megatron-Core in ``megatron/``) implements these with its own behaviour; no
-caller asks which backend it holds. Nothing here is imported at run time by the implementations:
-they conform structurally, and ``tests/test_layering.py`` checks that they do.
+caller asks which backend it holds. The implementations conform structurally (they import only the
+value type ``TensorParallelPlan``), ``tests/test_layering.py`` checks them member by member, and mypy
+checks the callers (``make lint``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,8 +32,28 @@ class PeftMethod(Protocol):
         prefixes the targets must lie under (None: the whole module)."""
 
 
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How a model's layers split over a ``tp`` mesh, as the model knows it.
+
+    ``styles``: module pattern (relative to ``root``, ``*`` one name atom) -> ``"colwise"`` | ``"rowwise"``;
+    None when the model has no plan of its own. ``divisible``: sizes the TP degree must divide, by name
+    (attention heads). ``model``: the model's name and ``source`` where the plan comes from, for one-line errors.
+    """
+
+    root: torch.nn.Module
+    styles: dict[str, str] | None
+    model: str
+    source: str
+    divisible: dict[str, int] = field(default_factory=dict)
+
+
 class TrainableModel(Protocol):
-    """The model a trainer trains: lazy until ``configure_model``, then one module it owns."""
+    """The model a trainer trains: lazy until ``configure_model``, then one module it owns.
+
+    It also describes its sharding units to the strategies (``repeated_blocks``, ``tensor_parallel_plan``,
+    ``context_parallel_problem``), read after ``apply_peft``: the generic code never guesses them.
+    """
 
     model: torch.nn.Module | None
 
@@ -59,6 +81,16 @@ class TrainableModel(Protocol):
     def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:
         """Write ``out/model`` (HF safetensors) or ``out/hf_adapter`` (PEFT) from every rank."""
 
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """The loaded module's repeated blocks (decoder layers; a VLM's vision blocks too), outermost and in
+        order: what FSDP2 shards one by one, activation checkpointing recomputes and JIT compiles."""
+
+    def tensor_parallel_plan(self) -> TensorParallelPlan:
+        """How the loaded module splits over tensor-parallel ranks."""
+
+    def context_parallel_problem(self) -> str | None:
+        """None when the loaded module's attention can run context parallel; else what it needs, in words."""
+
 
 class Strategy(Protocol):
     """Processes, device and model wrapping: single device, DDP, FSDP2 or Megatron TP + DP."""
@@ -83,8 +115,9 @@ class Strategy(Protocol):
     def setup(self, accelerator: str = "auto") -> None:
         """Join the launcher's process group and pick the device."""
 
-    def wrap(self, module: torch.nn.Module, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
-        """The module to train: as is, DDP-wrapped or sharded."""
+    def wrap(self, model: TrainableModel, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
+        """The module to train, from the configured ``model.model``: as is, DDP-wrapped or sharded (over the
+        units ``model`` names)."""
 
     def grad_sync(self, module: torch.nn.Module, sync: bool) -> AbstractContextManager:
         """Context for one micro-batch's backward; ``sync=False`` defers the gradient all-reduce."""
@@ -146,6 +179,19 @@ class DataModule(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position."""
+
+
+class TrainerCallback(Protocol):
+    """Hooks a trainer calls; ``trainer.callbacks.Callback`` implements each as a no-op to derive from."""
+
+    def on_train_start(self, trainer: Any, module: torch.nn.Module) -> None:
+        """After set-up (adapters added, ``module`` wrapped), before the first step."""
+
+    def on_train_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        """After optimizer step ``step``; ``metrics``: the last logged values."""
+
+    def on_train_end(self, trainer: Any) -> None:
+        """After the last step and checkpoint."""
 
 
 class OptimizerModule(Protocol):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ConfigError(ValueError):
@@ -33,7 +36,7 @@ def first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def validated(fn):
+def validated(fn: F) -> F:
     """``pydantic.validate_call`` whose failures become a one-line ConfigError.
 
     The message names the function (or class), the field, the value given and what pydantic
@@ -43,11 +46,11 @@ def validated(fn):
 
     from pydantic import ConfigDict, ValidationError, validate_call
 
-    checked = validate_call(fn, config=ConfigDict(arbitrary_types_allowed=True))
+    checked = validate_call(config=ConfigDict(arbitrary_types_allowed=True))(fn)
     owner = fn.__qualname__.split(".")[0] if fn.__name__ == "__init__" else fn.__name__
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return checked(*args, **kwargs)
         except ValidationError as err:
@@ -55,4 +58,4 @@ def validated(fn):
             field = ".".join(str(p) for p in first["loc"]) or "argument"
             raise ConfigError(f"{owner}: {field}={first.get('input')!r} is invalid: {first['msg']}") from None
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps fn's signature

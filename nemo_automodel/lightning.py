@@ -6,7 +6,8 @@ from nemo_automodel.megatron.strategy import MegatronStrategy
 from nemo_automodel.parallel import DDPStrategy, FSDP2Strategy, SingleDeviceStrategy
 from nemo_automodel.tracking import MLflowLogger, WandbLogger
 from nemo_automodel.trainer import PREEMPTED_EXIT_CODE, NeMoLogger, Trainer
+from nemo_automodel.trainer.callbacks import Callback
 
-__all__ = ["PREEMPTED_EXIT_CODE", "AutoResume", "DDPStrategy", "FSDP2Strategy", "MLflowLogger",
+__all__ = ["PREEMPTED_EXIT_CODE", "AutoResume", "Callback", "DDPStrategy", "FSDP2Strategy", "MLflowLogger",
            "MegatronOptimizerModule", "MegatronStrategy", "ModelCheckpoint", "NeMoLogger", "SingleDeviceStrategy",
            "Trainer", "WandbLogger"]

@@ -101,6 +101,38 @@ def test_trainer_rejects_unknown_strategy_and_precision():
         nl.Trainer()
 
 
+def test_trainer_takes_any_structural_strategy_and_names_what_one_lacks():
+    """``resolve_strategy`` asks for the ``contracts.Strategy`` members, not a base class."""
+    from nemo_automodel.parallel import SingleDeviceStrategy
+
+    class Delegating:  # derives from no strategy class: has every member through its own attributes
+        def __init__(self) -> None:
+            inner = SingleDeviceStrategy()
+            for name in dir(inner):
+                if not name.startswith("__"):
+                    setattr(self, name, getattr(inner, name))
+
+    own = Delegating()
+    assert nl.Trainer(max_steps=1, strategy=own).strategy is own
+    del own.barrier, own.wrap
+    with pytest.raises(ConfigError, match=r"Delegating lacks Strategy\.barrier, wrap$"):
+        nl.Trainer(max_steps=1, strategy=own)
+
+
+def test_trainer_refuses_hookless_callbacks_and_unused_lightning_args():
+    class Typo:
+        def on_train_step_ends(self, trainer, step, metrics): ...
+
+    with pytest.raises(ConfigError, match=r"callbacks\[1\]: Typo defines none of the hooks on_train_start"):
+        nl.Trainer(max_steps=1, callbacks=[nl.Callback(), Typo()])
+    with pytest.raises(ConfigError, match=r"logger=.* trackers go on the run's NeMoLogger"):
+        nl.Trainer(max_steps=1, logger=nl.WandbLogger())
+    with pytest.warns(UserWarning, match=r"num_sanity_val_steps=2\) is ignored"):
+        nl.Trainer(max_steps=1, num_sanity_val_steps=2)
+    with pytest.warns(UserWarning, match=r"use_distributed_sampler=False\) is ignored: the data module always splits"):
+        nl.Trainer(max_steps=1, use_distributed_sampler=False)
+
+
 def test_optimizer_and_schedule_values_are_refused_when_built():
     """What torch would refuse only after the model loaded is refused by the optimizer node's build."""
     import fiddle as fdl
@@ -149,3 +181,20 @@ def test_rerun_into_existing_run_dir_requires_resume(tiny_llama, tmp_path):
     go(None)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         go(None)
+
+
+def test_devices_other_than_the_launchers_count_is_logged_not_a_crash(monkeypatch, caplog, tmp_path, tiny_llama):
+    """Under a launcher (WORLD_SIZE set) whose count differs from devices x num_nodes, the launcher's count wins
+    with a log line. (That line once raised AttributeError: fit's ``log`` argument shadowed the module logger;
+    mypy found it.) Here the strategy then refuses 2 processes, before anything loads."""
+    import logging
+
+    from tests.helpers import chat_dataset
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    trainer = nl.Trainer(devices=4, max_steps=1, strategy="single", accelerator="cpu", enable_progress_bar=False)
+    data = llm.HFDatasetDataModule(chat_dataset(), formatting="chat", seq_length=32, micro_batch_size=1)
+    with caplog.at_level(logging.INFO, logger="nemo_automodel.trainer.trainer"), \
+            pytest.raises(ConfigError, match="strategy='single' cannot train on 2 processes"):
+        trainer.fit(llm.HFAutoModelForCausalLM(str(tiny_llama)), data, log=nl.NeMoLogger(log_dir=str(tmp_path)))
+    assert "devices=4 x num_nodes=1 differs from the launcher's WORLD_SIZE=2" in caplog.text

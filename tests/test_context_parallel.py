@@ -19,8 +19,9 @@ from torch.distributed.tensor.experimental._context_parallel._load_balancer impo
 )
 
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.models.hf_parallel import hf_context_parallel_problem
 from nemo_automodel.models.loss import masked_cross_entropy
-from nemo_automodel.parallel.context_parallel import check_sdpa, pad_batch, padded_length
+from nemo_automodel.parallel.context_parallel import check_attention, pad_batch, padded_length
 from nemo_automodel.parallel.mesh import coordinates, describe_mesh, mesh_dims, mesh_shape
 from nemo_automodel.parallel.strategy import DDPStrategy, FSDP2Strategy
 from nemo_automodel.trainer.trainer import Trainer
@@ -70,9 +71,10 @@ def test_cp_needs_sdpa_attention():
 
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=64)
-    check_sdpa(transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa"), 2)
+    check_attention(hf_context_parallel_problem(transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")), 2)
     with pytest.raises(ConfigError) as err:
-        check_sdpa(transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager"), 2)
+        check_attention(hf_context_parallel_problem(transformers.LlamaForCausalLM._from_config(
+            cfg, attn_implementation="eager")), 2)
     assert "context_parallel_size=2 needs attn_implementation='sdpa' (the model uses 'eager')" in _one_line(err)
 
 

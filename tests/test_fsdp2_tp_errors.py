@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.models.hf_parallel import hf_tensor_parallel_plan
 from nemo_automodel.parallel.strategy import FSDP2Strategy
-from nemo_automodel.parallel.tensor_parallel import concrete_plan, model_tp_plan
+from nemo_automodel.parallel.tensor_parallel import concrete_plan, resolve_plan
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -54,16 +55,16 @@ def test_bad_sizes_and_plan_argument():
 
 def test_model_without_tp_plan_named():
     with pytest.raises(ConfigError) as err:
-        model_tp_plan(_model("gpt2"))
+        resolve_plan(hf_tensor_parallel_plan(_model("gpt2")))
     assert "GPT2LMHeadModel has no tensor-parallel plan" in _one_line(err)
-    assert model_tp_plan(_model("gpt2"), {"h.*.mlp.c_fc": "colwise"}) == {"h.*.mlp.c_fc": "colwise"}
+    assert resolve_plan(hf_tensor_parallel_plan(_model("gpt2")), {"h.*.mlp.c_fc": "colwise"}) == {"h.*.mlp.c_fc": "colwise"}
 
 
 def test_unsupported_style_named_unless_overridden():
     with pytest.raises(ConfigError) as err:
-        model_tp_plan(_model("phi3"))
+        resolve_plan(hf_tensor_parallel_plan(_model("phi3")))
     assert "'colwise_gather_output'" in _one_line(err) and "Phi3ForCausalLM" in str(err.value)
-    plan = model_tp_plan(_model("phi3"), {"layers.*.mlp.gate_up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"})
+    plan = resolve_plan(hf_tensor_parallel_plan(_model("phi3")), {"layers.*.mlp.gate_up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"})
     assert set(plan.values()) == {"colwise", "rowwise"}
 
 
@@ -71,7 +72,7 @@ def test_llama_plan_and_lora_parts():
     from peft import LoraConfig, get_peft_model
 
     model = _model("llama")
-    plan = model_tp_plan(model)
+    plan = resolve_plan(hf_tensor_parallel_plan(model))
     assert plan["layers.*.self_attn.q_proj"] == "colwise" and plan["layers.*.mlp.down_proj"] == "rowwise"
     assert concrete_plan(model.model, plan, 2)["layers.0.self_attn.o_proj"] == "rowwise"
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))

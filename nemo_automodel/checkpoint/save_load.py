@@ -27,10 +27,12 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nemo_automodel.checkpoint import checksums
+from nemo_automodel.contracts import DataModule, Strategy, TrainableModel
 from nemo_automodel.errors import ConfigError, RunError, check_int, first_line
 from nemo_automodel.models.quantization import drop_quant_state
 
@@ -62,7 +64,7 @@ class AutoResume:
         self.resume_from_path = resume_from_path
         self.resume_ignore_no_checkpoint = resume_ignore_no_checkpoint
 
-    def find(self, ckpt_root: Path, strategy=None) -> Path | None:
+    def find(self, ckpt_root: Path, strategy: Strategy | None = None) -> Path | None:
         """The checkpoint to resume from, or None to start fresh.
 
         Checkpoints verify themselves (``checksums``): a damaged ``last`` is reported in one warning
@@ -107,11 +109,11 @@ def resume_candidates(ckpt_root: Path) -> list[Path]:
     return first + [p for p in rest if p not in first]
 
 
-def _is_rank0(strategy) -> bool:
+def _is_rank0(strategy: Strategy | None) -> bool:
     return strategy is None or strategy.rank == 0
 
 
-def _agreed_index(strategy, index: int) -> int:
+def _agreed_index(strategy: Strategy | None, index: int) -> int:
     """Rank 0's ``index`` (>= -1) on every rank."""
     if strategy is None or not strategy.is_distributed:
         return index
@@ -142,7 +144,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _options(**kw):
+def _options(**kw: Any) -> Any:
     # torch.distributed.checkpoint is imported on use throughout: graph builds stay fast
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -166,7 +168,8 @@ def _address(t: torch.Tensor) -> int:
     return local.data_ptr()
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, scheduler, data, strategy,
+def save_checkpoint(ckpt_root: Path, step: int, *, model: TrainableModel, module: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, data: DataModule, strategy: Strategy,
                     keep_last: int = 2, metrics: dict | None = None, preempted: bool = False,
                     resumed_from: int = 0) -> Path:
     """Write checkpoint ``step`` on every rank; returns its final path. ``resumed_from`` (recorded in
@@ -190,7 +193,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, module, optimizer, sch
     return final
 
 
-def _write(tmp: Path, step: int, *, model, module, optimizer, scheduler, data, strategy, meta: dict) -> None:
+def _write(tmp: Path, step: int, *, model: TrainableModel, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: Any, data: DataModule, strategy: Strategy, meta: dict) -> None:
     """Every rank writes its part of checkpoint ``step`` into ``tmp``; rank 0 then records the
     checksums and writes ``meta.json`` last."""
     if strategy.rank == 0:
@@ -282,7 +286,7 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _dcp_target(ckpt: Path, strategy) -> dict:
+def _dcp_target(ckpt: Path, strategy: Strategy) -> dict:
     """Where this rank's DCP state goes: ``state/`` (or ``state/tpNN/`` per tensor-parallel rank)."""
     sub, group = strategy.checkpoint_shard()
     if group is not None:
@@ -290,7 +294,8 @@ def _dcp_target(ckpt: Path, strategy) -> dict:
     return {"checkpoint_id": str(ckpt / "state"), "no_dist": not strategy.is_distributed}
 
 
-def load_checkpoint(path: Path, *, module, optimizer, scheduler, data, strategy) -> int:
+def load_checkpoint(path: Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    data: DataModule, strategy: Strategy) -> int:
     """Restore params, optimizer, scheduler, data position and RNG; returns the step to continue from.
 
     Across a change of world size, DCP reshards weights and optimizer state and the schedule
@@ -333,7 +338,7 @@ def _layout(meta: dict) -> dict[str, int]:
     return {"tensor_parallel": tp} if tp != 1 else {}
 
 
-def _reshard_data_position(saved: dict, meta: dict, data, world_size: int) -> dict:
+def _reshard_data_position(saved: dict, meta: dict, data: DataModule, world_size: int) -> dict:
     """Map a per-rank data position saved on ``meta['world_size']`` ranks onto ``world_size`` ranks."""
     epoch, batch = int(saved.get("epoch", 0)), int(saved.get("batch_in_epoch", 0))
     old_mbs, new_mbs = meta.get("micro_batch_size"), data.micro_batch_size

@@ -145,7 +145,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
             manifest.update(model=base, adapter="adapter", max_lora_rank=info.max_lora_rank,
                             lora_name=lora_name or out.name, lora_modules=list(info.modules))
     if format == "gguf":
-        _refuse_vision_language(manifest.get("base_model") if peft else src)
+        _refuse_vision_language(manifest["base_model"] if peft else src)
     tmp = _prepare_out(out)
     try:
         if format == "gguf":

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_automodel.contracts import TensorParallelPlan
 from nemo_automodel.errors import ConfigError, bad_value, first_line
 from nemo_automodel.megatron import convert
 from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
@@ -142,6 +143,25 @@ class MegatronGPTModel:
         self.model = apply_megatron_lora(self.model, peft)
         self.is_peft = True
         return self.model
+
+    # -- sharding units (contracts.TrainableModel) -------------------------------------------
+    def _loaded(self) -> torch.nn.Module:
+        if self.model is None:
+            raise ConfigError("MegatronGPTModel: configure_model() first (the model is not built)")
+        return self.model
+
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """GPTModel's transformer layers (``decoder.layers``)."""
+        return list(unwrap(self._loaded()).decoder.layers)
+
+    def tensor_parallel_plan(self) -> TensorParallelPlan:
+        """None to apply: Megatron-Core's parallel layers split themselves under ``MegatronStrategy``."""
+        return TensorParallelPlan(root=self._loaded(), styles=None, model="MegatronGPTModel",
+                                  source="its layers are Megatron-Core's own parallel layers: use "
+                                         "MegatronStrategy(tensor_model_parallel_size=...)")
+
+    def context_parallel_problem(self) -> str | None:
+        return "an HF model: MegatronStrategy trains MegatronGPTModel, and runs no context parallel here"
 
     # -- training --------------------------------------------------------------------------
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

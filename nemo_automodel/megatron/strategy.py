@@ -15,8 +15,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from nemo_automodel.contracts import TrainableModel
 from nemo_automodel.errors import ConfigError, bad_value, check_int
-from nemo_automodel.parallel.strategy import ProcessGroupStrategy, ddp_grad_sync
+from nemo_automodel.parallel.strategy import ProcessGroupStrategy, configured, ddp_grad_sync
 
 
 def import_megatron():
@@ -98,7 +99,8 @@ class MegatronStrategy(ProcessGroupStrategy):
 
         return parallel_state.get_data_parallel_rank()
 
-    def wrap(self, module, mixed_precision=None):
+    def wrap(self, model: TrainableModel, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
+        module = configured(model)
         if self.dp_size == 1:
             return module
         from torch.nn.parallel import DistributedDataParallel
@@ -106,7 +108,7 @@ class MegatronStrategy(ProcessGroupStrategy):
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, process_group=self.dp_group)
 
-    def grad_sync(self, module, sync):
+    def grad_sync(self, module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         return ddp_grad_sync(module, sync)
 
     def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:

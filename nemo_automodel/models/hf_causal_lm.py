@@ -11,6 +11,7 @@ import torch
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.chunked_ce import fused_lm_head_loss, lean_head_unsupported
 from nemo_automodel.models.hf_loading import check_kind, load_config, load_hf_model, resolve_dtype
+from nemo_automodel.models.hf_parallel import HFShardingUnits
 from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.layers import enable_activation_checkpointing
 from nemo_automodel.models.loss import masked_cross_entropy
@@ -25,7 +26,7 @@ from nemo_automodel.models.tokenizer import TokenizerAdapter, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-class HFAutoModelForCausalLM:
+class HFAutoModelForCausalLM(HFShardingUnits):
     """A causal LM from the Hub or a local folder; nothing is read until `configure_model`.
 
     Args:

@@ -16,6 +16,7 @@ import torch
 
 from nemo_automodel.errors import ConfigError, bad_value
 from nemo_automodel.models.hf_loading import check_kind, load_config, load_hf_model, resolve_dtype
+from nemo_automodel.models.hf_parallel import HFShardingUnits
 from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.layers import enable_activation_checkpointing
 from nemo_automodel.models.loss import masked_cross_entropy
@@ -46,7 +47,7 @@ def language_model_prefix(model: torch.nn.Module) -> str:
                       f"{type(decoder).__name__}); pass LoRA target_modules as full regexes instead")
 
 
-class HFAutoModelForImageTextToText:
+class HFAutoModelForImageTextToText(HFShardingUnits):
     """A vision-language model (``AutoModelForImageTextToText`` + ``AutoProcessor``) from the Hub or a folder.
 
     Args:

@@ -23,22 +23,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from nemo_automodel.errors import ConfigError
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 SEQ_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")  # [batch, seq] tensors split along dim 1
 
 
-def check_sdpa(model: torch.nn.Module, cp_size: int) -> None:
-    """The model must run ``F.scaled_dot_product_attention`` (what context parallel replaces)."""
-    from nemo_automodel.parallel.tensor_parallel import _hf_model
-
-    impl = getattr(getattr(_hf_model(model), "config", None), "_attn_implementation", None)
-    if impl != "sdpa":
-        raise ConfigError(f"context_parallel_size={cp_size} needs attn_implementation='sdpa' (the model uses "
-                          f"{impl!r}): set HFAutoModelForCausalLM(attn_implementation='sdpa')")
+def check_attention(problem: str | None, cp_size: int) -> None:
+    """Refuse a model whose attention cannot run context parallel (``problem``: what it needs, from the model's
+    ``context_parallel_problem``; the HF models need ``F.scaled_dot_product_attention``, which CP replaces)."""
+    if problem:
+        raise ConfigError(f"context_parallel_size={cp_size} needs {problem}")
 
 
 def padded_length(seq_length: int, cp_size: int) -> int:
@@ -92,7 +93,7 @@ def _no_packed_row_probe() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def shard_micro_batch(batch: dict[str, torch.Tensor], cp_mesh) -> Iterator[dict[str, torch.Tensor]]:
+def shard_micro_batch(batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh) -> Iterator[dict[str, torch.Tensor]]:
     """Within the context, ``batch`` holds this cp rank's load-balanced part of each row and attention
     runs as ring attention over ``cp_mesh`` (a 1-D DeviceMesh); see the module docstring."""
     from torch.distributed.tensor.experimental import context_parallel

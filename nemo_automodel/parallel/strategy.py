@@ -1,22 +1,27 @@
 """Parallel strategies over torch.distributed: single device, DDP and FSDP2 (gloo on CPU, nccl on GPU).
 
 A strategy owns the process group, the device and how the model is wrapped; the trainer and
-checkpointing call only the ``contracts.Strategy`` methods. Multi-process runs
-get RANK, WORLD_SIZE and LOCAL_RANK from torchrun, NeMo-Run's torchrun launcher, or the
-trainer's own launcher (``Trainer(devices=N)`` from a plain ``python`` process, see launch.py).
+checkpointing call only the ``contracts.Strategy`` methods, and a strategy learns what to shard only from
+the ``contracts.TrainableModel`` it wraps. Multi-process runs get RANK, WORLD_SIZE and LOCAL_RANK from
+torchrun, NeMo-Run's torchrun launcher, or the trainer's own launcher (``Trainer(devices=N)`` from a plain
+``python`` process, see ``trainer/spawn.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from nemo_automodel.contracts import Strategy, TrainableModel
 from nemo_automodel.errors import ConfigError, bad_value, check_int
-from nemo_automodel.models.layers import decoder_layers
 from nemo_automodel.parallel.mesh import mesh_dims, mesh_shape
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def env_world_size() -> int:
@@ -77,8 +82,8 @@ class ProcessGroupStrategy:
         nothing to do here."""
         return tensor
 
-    def wrap(self, module: torch.nn.Module, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
-        return module
+    def wrap(self, model: TrainableModel, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
+        return configured(model)
 
     def grad_sync(self, module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's backward; ``sync=False`` skips the gradient all-reduce."""
@@ -94,7 +99,7 @@ class ProcessGroupStrategy:
         """Clip the trainable parameters' gradients to a global norm of ``max_norm``."""
         return torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
 
-    def checkpoint_shard(self) -> tuple[str, object]:
+    def checkpoint_shard(self) -> tuple[str, Any]:
         """(sub-folder, process group) of this rank's DCP state: one folder for all ranks here."""
         return "", None
 
@@ -123,6 +128,13 @@ class SingleDeviceStrategy(ProcessGroupStrategy):
         super().setup(accelerator)
 
 
+def configured(model: TrainableModel) -> torch.nn.Module:
+    """The module ``model.configure_model`` (and ``apply_peft``) built: what a strategy wraps."""
+    if model.model is None:
+        raise ConfigError(f"{type(model).__name__}: configure_model() before the strategy wraps it")
+    return model.model
+
+
 def ddp_grad_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """``no_sync`` on a DDP-wrapped module for the micro-batches before the last one."""
     from torch.nn.parallel import DistributedDataParallel
@@ -148,7 +160,8 @@ class DDPStrategy(ProcessGroupStrategy):
 
     name = "ddp"
 
-    def wrap(self, module, mixed_precision=None):
+    def wrap(self, model: TrainableModel, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
+        module = configured(model)
         if not self.is_distributed:
             return module
         from torch.nn.parallel import DistributedDataParallel
@@ -156,7 +169,7 @@ class DDPStrategy(ProcessGroupStrategy):
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
 
-    def grad_sync(self, module, sync):
+    def grad_sync(self, module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         return ddp_grad_sync(module, sync)
 
 
@@ -203,7 +216,8 @@ class FSDP2Strategy(ProcessGroupStrategy):
         self.tensor_parallel_size = tensor_parallel_size
         self.tp_plan = tp_plan
         self.context_parallel_size = context_parallel_size
-        self.mesh = self.fsdp_mesh = None
+        self.mesh: DeviceMesh | None = None
+        self.fsdp_mesh: DeviceMesh | None = None
 
     def setup(self, accelerator: str = "auto") -> None:
         tp, cp = self.tensor_parallel_size, self.context_parallel_size
@@ -220,9 +234,15 @@ class FSDP2Strategy(ProcessGroupStrategy):
             self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
             self.fsdp_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if cp > 1 else self.mesh["dp"]
 
+    def _mesh_dim(self, name: str) -> DeviceMesh:
+        """One dim of the (dp, cp, tp) mesh ``setup`` built (it exists when tp or cp > 1)."""
+        if self.mesh is None:
+            raise RuntimeError(f"FSDP2Strategy: no device mesh for {name!r} (setup() builds it when tp or cp > 1)")
+        return self.mesh[name]
+
     @property
     def dp_size(self) -> int:
-        return self.data_parallel_size if self.mesh is not None else self.world_size
+        return self.data_parallel_size or self.world_size if self.mesh is not None else self.world_size
 
     @property
     def dp_rank(self) -> int:
@@ -232,49 +252,51 @@ class FSDP2Strategy(ProcessGroupStrategy):
     def grad_reduce_size(self) -> int:
         return self.dp_size * self.context_parallel_size
 
-    def micro_batch_context(self, batch):
+    def micro_batch_context(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
         if self.context_parallel_size == 1:
             return super().micro_batch_context(batch)
         from nemo_automodel.parallel.context_parallel import shard_micro_batch
 
-        return shard_micro_batch(batch, self.mesh["cp"])
+        return shard_micro_batch(batch, self._mesh_dim("cp"))
 
-    def sum_sequence_shards(self, tensor):
+    def sum_sequence_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.context_parallel_size > 1:
-            dist.all_reduce(tensor, group=self.mesh["cp"].get_group())
+            dist.all_reduce(tensor, group=self._mesh_dim("cp").get_group())
         return tensor
 
     def all_reduce(self, tensor: torch.Tensor, world: bool = False) -> torch.Tensor:
         if self.mesh is not None and not world:
             if self.dp_size > 1:
-                dist.all_reduce(tensor, group=self.mesh["dp"].get_group())
+                dist.all_reduce(tensor, group=self._mesh_dim("dp").get_group())
             return tensor
         return super().all_reduce(tensor, world)
 
-    def wrap(self, module, mixed_precision=None):
+    def wrap(self, model: TrainableModel, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
+        """Tensor parallel over the model's plan, then ``fully_shard`` on each of its repeated blocks and the root."""
+        module = configured(model)
         if self.tensor_parallel_size > 1:
-            from nemo_automodel.parallel.tensor_parallel import apply_tensor_parallel, model_tp_plan
+            from nemo_automodel.parallel.tensor_parallel import apply_tensor_parallel
 
-            apply_tensor_parallel(module, self.mesh["tp"], model_tp_plan(module, self.tp_plan))
+            apply_tensor_parallel(model.tensor_parallel_plan(), self._mesh_dim("tp"), self.tp_plan)
         if self.context_parallel_size > 1:
-            from nemo_automodel.parallel.context_parallel import check_sdpa
+            from nemo_automodel.parallel.context_parallel import check_attention
 
-            check_sdpa(module, self.context_parallel_size)
+            check_attention(model.context_parallel_problem(), self.context_parallel_size)
         if not self.is_distributed or self.grad_reduce_size == 1:
             return module
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        kwargs = {"reshard_after_forward": self.reshard_after_forward}
+        kwargs: dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
         if self.mesh is not None:
             kwargs["mesh"] = self.fsdp_mesh
         if mixed_precision is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-        for block in decoder_layers(module):
+        for block in model.repeated_blocks():
             fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
         return module
 
-    def clip_grad_norm(self, module, max_norm):
+    def clip_grad_norm(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
         if self.mesh is None:
             return super().clip_grad_norm(module, max_norm)
         from nemo_automodel.parallel.tensor_parallel import clip_grad_norm
@@ -289,16 +311,36 @@ class FSDP2Strategy(ProcessGroupStrategy):
 STRATEGIES = {"single": SingleDeviceStrategy, "ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp": FSDP2Strategy}
 
 
-def resolve_strategy(strategy) -> ProcessGroupStrategy:
+def resolve_strategy(strategy: Strategy | str | None) -> Strategy:
     """Turn ``None | 'auto' | 'single' | 'ddp' | 'fsdp2'`` or a strategy object into a strategy object.
 
+    Any object with every ``contracts.Strategy`` member is used as is (the Megatron backend's, a user's own).
     ``None``/``'auto'`` is decided where the job runs: DDP on several processes, else single.
     """
-    if isinstance(strategy, ProcessGroupStrategy):
+    if strategy is not None and not isinstance(strategy, str):
+        missing = missing_members(strategy, Strategy)
+        if missing:
+            raise bad_value("strategy", strategy, f"{type(strategy).__name__} lacks Strategy.{', '.join(missing)}")
         return strategy
-    key = strategy.lower() if isinstance(strategy, str) else strategy
-    if key in (None, "auto"):
+    key = strategy.lower() if strategy is not None else "auto"
+    if key == "auto":
         return DDPStrategy() if env_world_size() > 1 else SingleDeviceStrategy()
     if key not in STRATEGIES:
         raise bad_value("strategy", strategy, "use None, 'ddp', 'fsdp2' or an FSDP2Strategy(...)")
     return STRATEGIES[key]()
+
+
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks: a structural check, like ``isinstance`` on a runtime
+    Protocol, but without running properties (a strategy's properties may need a process group)."""
+    import inspect
+    import typing
+
+    members = getattr(typing, "get_protocol_members", None) or typing._get_protocol_attrs  # type: ignore[attr-defined]
+    missing = []
+    for name in sorted(members(protocol)):
+        try:
+            inspect.getattr_static(obj, name)
+        except AttributeError:
+            missing.append(name)
+    return missing

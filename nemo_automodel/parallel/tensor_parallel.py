@@ -1,63 +1,50 @@
-"""Tensor parallel for HF models on a ``tp`` device mesh: the model's own transformers TP plan, LoRA on it,
-and the gradient norm over parameters that live on different meshes.
+"""Tensor parallel on a ``tp`` device mesh: the model's own plan (``contracts.TensorParallelPlan``, which the model
+gives), LoRA layers sharded per part, and the gradient norm over parameters that live on different meshes.
 
-The plan comes from ``model.config.base_model_tp_plan`` (``{"layers.*.self_attn.q_proj": "colwise", ...}``,
-patterns relative to the decoder stack, e.g. ``LlamaModel``) or from the user's ``tp_plan`` with the same
-form. Only ``"colwise"`` and ``"rowwise"`` are used; ``ColwiseParallel``/``RowwiseParallel`` return plain
-local tensors, so the attention reshapes (``view(..., -1, head_dim)``) see the local heads.
-
-peft LoRA layers are planned per part (LoRA is applied before TP): a colwise layer shards ``base_layer``
-and ``lora_B.default`` colwise (``lora_A`` replicated), a rowwise layer shards ``base_layer`` and
-``lora_A.default`` rowwise (``lora_B`` replicated). Each rank's LoRA output then has the shape of its
-base output, and the sums equal one process.
+A plan maps module patterns (relative to the plan's ``root``, e.g. ``LlamaModel``; ``*`` one name atom) to
+``"colwise"``/``"rowwise"``; a user's ``FSDP2Strategy(tp_plan=...)`` replaces the model's. Only those two
+styles are used: ``ColwiseParallel``/``RowwiseParallel`` return plain local tensors, so the attention reshapes
+(``view(..., -1, head_dim)``) see the local heads. LoRA is applied before TP, and a peft LoRA layer is planned
+per part (``peft.lora.tensor_parallel_parts``), so the sums equal one process.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
+from nemo_automodel.contracts import TensorParallelPlan
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.peft.lora import tensor_parallel_parts
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 STYLES = ("colwise", "rowwise")
 
 
-def model_tp_plan(model: torch.nn.Module, override: dict[str, str] | None = None) -> dict[str, str]:
-    """The TP plan (pattern -> "colwise"|"rowwise") for ``model`` (a HF model, maybe inside peft).
-
-    ``override`` replaces the model's plan; styles other than colwise/rowwise are refused in one line."""
-    hf = _hf_model(model)
-    name = type(hf).__name__
+def resolve_plan(plan: TensorParallelPlan, override: dict[str, str] | None = None) -> dict[str, str]:
+    """The styles to apply: ``override`` (the user's ``tp_plan``) or the model's own; one-line ConfigError
+    when there is none, or for a style other than colwise/rowwise."""
     if override is not None:
-        plan, source = dict(override), "tp_plan"
+        styles, source = dict(override), "tp_plan"
+    elif plan.styles:
+        styles, source = dict(plan.styles), plan.source
     else:
-        plan = getattr(getattr(hf, "config", None), "base_model_tp_plan", None)
-        source = f"{name}'s base_model_tp_plan"
-        if not plan:
-            raise ConfigError(f"{name} has no tensor-parallel plan (config.base_model_tp_plan): pass "
-                              "FSDP2Strategy(tp_plan={'layers.*.self_attn.q_proj': 'colwise', ...}) or use "
-                              "tensor_parallel_size=1")
-    bad = {p: s for p, s in plan.items() if s not in STYLES}
+        raise ConfigError(f"{plan.model} has no tensor-parallel plan ({plan.source}: none): pass "
+                          "FSDP2Strategy(tp_plan={'layers.*.self_attn.q_proj': 'colwise', ...}) or use "
+                          "tensor_parallel_size=1")
+    bad = {p: s for p, s in styles.items() if s not in STYLES}
     if bad:
         pattern, style = next(iter(bad.items()))
         raise ConfigError(f"{source} uses the style {style!r} ({pattern}) that FSDP2Strategy cannot apply: only "
                           f"'colwise'/'rowwise' are supported; pass tp_plan={{pattern: 'colwise'|'rowwise'}} to "
                           "override the plan")
-    return plan
-
-
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
-    """The module the plan's patterns are relative to (``LlamaModel`` in ``LlamaForCausalLM``)."""
-    hf = _hf_model(model)
-    return getattr(hf, "base_model", hf)
+    return styles
 
 
 def _matcher(pattern: str) -> re.Pattern:
@@ -66,34 +53,23 @@ def _matcher(pattern: str) -> re.Pattern:
                                        for a in pattern.split(".")) + "$")
 
 
-def concrete_plan(stack: torch.nn.Module, plan: dict[str, str], tp_size: int) -> dict[str, str]:
-    """Module name (in ``stack``) -> style, with peft LoRA layers split into their sharded parts.
+def concrete_plan(root: torch.nn.Module, styles: dict[str, str], tp_size: int) -> dict[str, str]:
+    """Module name (in ``root``) -> style, with peft LoRA layers split into their sharded parts.
 
     Raises a one-line ConfigError for a plan that matches nothing, DoRA layers, or shards that do not
     divide evenly."""
-    patterns = [(_matcher(p), p, s) for p, s in plan.items()]
+    patterns = [(_matcher(p), p, s) for p, s in styles.items()]
     out: dict[str, str] = {}
-    used = set()
-    for name, mod in stack.named_modules():
-        hit = next(((p, s) for m, p, s in patterns if m.match(name)), None)
-        if hit is None:
+    for name, mod in root.named_modules():
+        style = next((s for m, _, s in patterns if m.match(name)), None)
+        if style is None:
             continue
-        used.add(hit[0])
-        style = hit[1]
-        if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):  # a peft LoRA layer
-            if getattr(mod, "lora_magnitude_vector", None):
-                raise ConfigError(f"DoRA cannot be tensor-parallel ({name}): use LoRA or tensor_parallel_size=1")
-            base = mod.base_layer
-            _check_divisible(name, base, style, tp_size)
-            out[f"{name}.base_layer"] = style
-            for adapter in mod.lora_A:
-                out[f"{name}.{'lora_B' if style == 'colwise' else 'lora_A'}.{adapter}"] = style
-        else:
-            _check_divisible(name, mod, style, tp_size)
-            out[name] = style
+        parts = tensor_parallel_parts(name, mod, style)
+        _check_divisible(name, mod.get_submodule("base_layer") if parts else mod, style, tp_size)
+        out.update(dict.fromkeys(parts or [name], style))
     if not out:
-        raise ConfigError(f"the tensor-parallel plan {sorted(plan)} matches no module of "
-                          f"{type(stack).__name__}: check the patterns (relative to the decoder stack)")
+        raise ConfigError(f"the tensor-parallel plan {sorted(styles)} matches no module of "
+                          f"{type(root).__name__}: check the patterns (relative to the decoder stack)")
     return out
 
 
@@ -106,30 +82,28 @@ def _check_divisible(name: str, mod: torch.nn.Module, style: str, tp_size: int) 
         raise ConfigError(f"tensor_parallel_size={tp_size} does not divide {name} ({style}: {size} features)")
 
 
-def check_heads(model: torch.nn.Module, tp_size: int) -> None:
-    """Attention heads (query and key/value) must split evenly over the TP ranks."""
-    cfg = getattr(_hf_model(model), "config", None)
-    for field in ("num_attention_heads", "num_key_value_heads"):
-        heads = getattr(cfg, field, None)
-        if isinstance(heads, int) and heads % tp_size:
-            raise ConfigError(f"tensor_parallel_size={tp_size} does not divide {field}={heads} of "
-                              f"{type(_hf_model(model)).__name__}: use a size that divides it")
+def check_divisors(plan: TensorParallelPlan, tp_size: int) -> None:
+    """The sizes the model says TP must divide (attention heads: query and key/value) divide evenly."""
+    for field, size in plan.divisible.items():
+        if size % tp_size:
+            raise ConfigError(f"tensor_parallel_size={tp_size} does not divide {field}={size} of "
+                              f"{plan.model}: use a size that divides it")
 
 
-def apply_tensor_parallel(model: torch.nn.Module, tp_mesh, plan: dict[str, str]) -> dict[str, str]:
-    """Shard ``model``'s planned layers over ``tp_mesh`` in place; returns the concrete plan applied."""
+def apply_tensor_parallel(plan: TensorParallelPlan, tp_mesh: DeviceMesh, override: dict[str, str] | None = None) -> dict[str, str]:
+    """Shard the planned layers of ``plan.root`` over ``tp_mesh`` in place; returns the concrete plan applied."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp_size = tp_mesh.size()
-    check_heads(model, tp_size)
-    stack = decoder_stack(model)
-    concrete = concrete_plan(stack, plan, tp_size)
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    parallelize_module(stack, tp_mesh, {name: styles[s]() for name, s in concrete.items()})
+    styles = resolve_plan(plan, override)
+    check_divisors(plan, tp_size)
+    concrete = concrete_plan(plan.root, styles, tp_size)
+    kinds = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    parallelize_module(plan.root, tp_mesh, {name: kinds[s]() for name, s in concrete.items()})
     return concrete
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` for gradients that are plain tensors and DTensors on several meshes (TP
     shards on ``tp``, FSDP shards on ``dp`` or ``(dp, tp)``): one reduction per (mesh, placements)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate

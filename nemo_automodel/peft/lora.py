@@ -107,3 +107,17 @@ class DoRA(LoRA):
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("use_dora", True)
         super().__init__(**kwargs)
+
+
+def tensor_parallel_parts(name: str, module: torch.nn.Module, style: str) -> list[str] | None:
+    """The names of the parts of peft LoRA layer ``name`` that shard when it is planned ``style`` for tensor
+    parallel (None when ``module`` is not a peft LoRA layer): colwise shards ``base_layer`` and ``lora_B``,
+    rowwise ``base_layer`` and ``lora_A``; the other factor stays replicated, so each rank's adapter output
+    has the shape of its base output. DoRA's magnitude vector spans the whole output and is refused."""
+    adapters = getattr(module, "lora_A", None)
+    if not (hasattr(module, "base_layer") and isinstance(adapters, torch.nn.ModuleDict)):
+        return None
+    if getattr(module, "lora_magnitude_vector", None):
+        raise ConfigError(f"DoRA cannot be tensor-parallel ({name}): use LoRA or tensor_parallel_size=1")
+    factor = "lora_B" if style == "colwise" else "lora_A"
+    return [f"{name}.base_layer", *(f"{name}.{factor}.{a}" for a in adapters)]

@@ -77,17 +77,14 @@ def shard_tensor_parallel(model: MetaModel, tp_size: int, tp_plan: dict[str, str
     in_features / T inputs (bias whole). Everything the plan leaves out (embeddings, norms, the output
     layer in transformers' base plans) stays whole. Attention reshapes with ``-1`` heads, so the step
     then computes on the local heads and its activations are one rank's."""
-    from nemo_automodel.parallel.tensor_parallel import (
-        check_heads,
-        concrete_plan,
-        decoder_stack,
-        model_tp_plan,
-    )
+    from nemo_automodel.models.hf_parallel import hf_tensor_parallel_plan
+    from nemo_automodel.parallel.tensor_parallel import check_divisors, concrete_plan, resolve_plan
 
-    check_heads(model.module, tp_size)
-    stack = decoder_stack(model.module)
-    for name, style in concrete_plan(stack, model_tp_plan(model.module, tp_plan), tp_size).items():
-        layer = stack.get_submodule(name)
+    plan = hf_tensor_parallel_plan(model.module)
+    styles = resolve_plan(plan, tp_plan)
+    check_divisors(plan, tp_size)
+    for name, style in concrete_plan(plan.root, styles, tp_size).items():
+        layer = plan.root.get_submodule(name)
         if style == "colwise":
             layer.out_features //= tp_size
         else:

@@ -11,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nemo_automodel.errors import bad_value
 from nemo_automodel.parallel.strategy import unwrap
+from nemo_automodel.trainer.callbacks import Callback
+
+if TYPE_CHECKING:
+    from nemo_automodel.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
-_BLOCK = re.compile(r"(?:.*\.)?(?:layers|h|blocks|block|decoder_layers)\.\d+")
 WHOLE_MODEL = "."
 
 
@@ -30,9 +32,9 @@ class JitConfig:
 
     Args:
         use_torch: compile with ``torch.compile`` (False: the callback does nothing).
-        module_selector: ``""`` (default) compiles every decoder block (``*.layers.N``, ``*.h.N``, ...)
-            separately: one graph is reused by all blocks, compile is quick and the output layer
-            stays eager (needed by the chunked loss). ``"."`` compiles the whole model; any other
+        module_selector: ``""`` (default) compiles each of the repeated blocks the model names
+            (``TrainableModel.repeated_blocks``: its decoder layers) separately: one graph is reused by
+            all blocks, compile is quick and the output layer stays eager (needed by the chunked loss). ``"."`` compiles the whole model; any other
             value is an ``fnmatch`` pattern over qualified module names (outermost matches win).
         torch_kwargs: passed to ``torch.compile`` (e.g. ``{"mode": "max-autotune", "dynamic": True}``).
         use_thunder / profile_thunder: NeMo fields; Thunder is not supported here.
@@ -51,25 +53,31 @@ class JitConfig:
             raise bad_value("torch_kwargs", self.torch_kwargs, "a dict of torch.compile arguments")
 
 
-def select_modules(model: torch.nn.Module, selector: str = "") -> list[tuple[str, torch.nn.Module]]:
-    """The outermost submodules of ``model`` that ``selector`` picks (see ``JitConfig``)."""
+def select_modules(model: torch.nn.Module, selector: str = "",
+                   blocks: list[torch.nn.Module] | None = None) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost submodules of ``model`` that ``selector`` picks (see ``JitConfig``); ``blocks``: the
+    model's repeated blocks, what the default selector picks."""
     if selector == WHOLE_MODEL:
         return [("", model)]
+    wanted = {id(b) for b in blocks or []}
     picked: list[tuple[str, torch.nn.Module]] = []
     for name, mod in model.named_modules():
         if not name or any(name.startswith(p + ".") for p, _ in picked):
             continue
-        if _BLOCK.fullmatch(name) if not selector else fnmatch.fnmatchcase(name, selector):
+        if id(mod) in wanted if not selector else fnmatch.fnmatchcase(name, selector):
             picked.append((name, mod))
     return picked
 
 
-def jit_compile(model: torch.nn.Module, config: JitConfig) -> list[str]:
-    """Compile the selected submodules of ``model`` in place; return their names."""
+def jit_compile(model: torch.nn.Module, config: JitConfig, blocks: list[torch.nn.Module] | None = None) -> list[str]:
+    """Compile the selected submodules of ``model`` in place (``blocks``: its repeated blocks); return their names."""
     if not config.use_torch:
         return []
-    chosen = select_modules(unwrap(model), config.module_selector)
+    chosen = select_modules(unwrap(model), config.module_selector, blocks)
     if not chosen:
+        if not config.module_selector:
+            raise bad_value("module_selector", "", "the model names no repeated blocks: pick modules with a "
+                            "pattern, or '.' for the whole model")
         raise bad_value("module_selector", config.module_selector, "a pattern that matches a submodule name")
     for _, mod in chosen:
         mod.compile(**config.torch_kwargs)
@@ -77,12 +85,14 @@ def jit_compile(model: torch.nn.Module, config: JitConfig) -> list[str]:
     return [n for n, _ in chosen]
 
 
-class JitTransform:
-    """Trainer callback that applies ``JitConfig`` when training starts (after PEFT and wrapping)."""
+class JitTransform(Callback):
+    """Trainer callback that applies ``JitConfig`` when training starts (after PEFT and wrapping), on the
+    blocks the trained model names."""
 
     def __init__(self, config: JitConfig | None = None, **kwargs: Any) -> None:
         self.config = config or JitConfig(**kwargs)
         self.compiled: list[str] = []
 
-    def on_train_start(self, trainer: Any, module: torch.nn.Module) -> None:
-        self.compiled = jit_compile(module, self.config)
+    def on_train_start(self, trainer: Trainer, module: torch.nn.Module) -> None:
+        blocks = trainer.model.repeated_blocks() if trainer.model is not None else []
+        self.compiled = jit_compile(module, self.config, blocks)

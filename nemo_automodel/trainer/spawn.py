@@ -27,6 +27,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from nemo_automodel.checkpoint.save_load import latest_checkpoint
 from nemo_automodel.errors import ConfigError
@@ -39,8 +40,9 @@ def needs_launch(devices: int, num_nodes: int) -> bool:
     return devices * num_nodes > 1 and "WORLD_SIZE" not in os.environ
 
 
-def launch_fit(trainer, nproc: int, fit_args: tuple, ckpt_root: Path, preempted_exit_code: int) -> Path:
-    """Run ``trainer.fit(*fit_args)`` in ``nproc`` local workers; return rank 0's result."""
+def launch_fit(trainer: Any, nproc: int, fit_args: tuple, ckpt_root: Path, preempted_exit_code: int) -> Path:
+    """Run ``trainer.fit(*fit_args)`` in ``nproc`` local workers; return rank 0's result. (``trainer``: the
+    ``Trainer``, typed Any as its module imports this one.)"""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -69,7 +71,7 @@ def launch_fit(trainer, nproc: int, fit_args: tuple, ckpt_root: Path, preempted_
     return results[0]
 
 
-def _worker(trainer, nproc: int, fit_args: tuple) -> Path:
+def _worker(trainer: Any, nproc: int, fit_args: tuple) -> Path:
     """Entry point of one spawned worker (module level, so ``spawn`` can import it)."""
     import torch
 
@@ -81,7 +83,7 @@ def _worker(trainer, nproc: int, fit_args: tuple) -> Path:
         trainer.strategy.teardown()
 
 
-def _config_error(err) -> str | None:
+def _config_error(err: Any) -> str | None:
     """The message of a ConfigError raised in a worker, if that is why it failed."""
     for failure in err.failures.values():
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)

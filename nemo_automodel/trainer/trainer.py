@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +17,34 @@ import torch
 from tqdm.auto import tqdm
 
 from nemo_automodel.checkpoint.save_load import AutoResume, ModelCheckpoint, load_checkpoint, save_checkpoint
-from nemo_automodel.contracts import DataModule, OptimizerModule, PeftMethod, TrainableModel
+from nemo_automodel.contracts import DataModule, OptimizerModule, PeftMethod, Strategy, TrainableModel
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.parallel.strategy import env_world_size, resolve_strategy
 from nemo_automodel.tracking.metrics import MetricsLogger
 from nemo_automodel.tracking.trackers import MLflowLogger, Tracker, WandbLogger, check_trackers, object_params
+from nemo_automodel.trainer.callbacks import as_callback
 from nemo_automodel.trainer.optim import default_optimizer
 from nemo_automodel.trainer.spawn import launch_fit, needs_launch
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # not `log`: fit's NeMoLogger argument has that name
 
 # precision -> (autocast dtype, weight dtype): "-mixed" autocasts over the model's weights; "bf16-true"
 # loads the weights in bf16 (frozen base bf16; peft keeps LoRA adapters and so their AdamW state fp32)
 PRECISIONS = {"32": (None, None), "32-true": (None, None), "bf16-mixed": (torch.bfloat16, None),
               "bf16": (torch.bfloat16, None), "bf16-true": (None, torch.bfloat16)}
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — the job checkpointed on SIGTERM and can be requeued
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """What ``Trainer._setup`` built where the job runs: the wrapped module, the optimizer and its schedule,
+    micro-batches per optimizer step and the number of optimizer steps."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accumulate: int
+    max_steps: int
 
 
 class NeMoLogger:
@@ -71,9 +86,14 @@ class Trainer:
     ``'32'``, ``'bf16-mixed'`` (bf16 autocast over the model's weights) or ``'bf16-true'`` (weights
     loaded in bf16; LoRA adapters and their optimizer state stay fp32; full SFT then trains bf16
     weights without fp32 master copies, and says so). ``strategy`` is None (DDP on several processes,
-    else one device), ``'ddp'``, ``'fsdp2'`` or a strategy object. ``callbacks`` may define
+    else one device), ``'ddp'``, ``'fsdp2'`` or any object with the ``contracts.Strategy`` members.
+    ``callbacks``: ``trainer.callbacks.Callback`` subclasses, or objects defining any of its hooks
     ``on_train_start(trainer, module)``, ``on_train_step_end(trainer, step, metrics)`` and
-    ``on_train_end(trainer)``.
+    ``on_train_end(trainer)``. ``trainer.model`` is the model being fitted, from ``fit`` on.
+
+    Lightning arguments this loop has no use for: ``num_sanity_val_steps`` other than 0 and
+    ``use_distributed_sampler`` (the data module always splits batches over the data-parallel ranks with its
+    own resumable sampler) warn once; ``logger`` is refused (trackers go on ``NeMoLogger(wandb=, mlflow=)``).
 
     Processes: under torchrun / NeMo-Run / Slurm+torchrun (WORLD_SIZE set) each process is one
     rank and ``devices`` is informational. From a plain ``python`` process, ``devices * num_nodes
@@ -86,13 +106,14 @@ class Trainer:
     ``PREEMPTED_EXIT_CODE`` (75) so a requeued job resumes with ``AutoResume``.
     """
 
-    def __init__(self, devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", strategy: Any = None,
+    def __init__(self, devices: int = 1, num_nodes: int = 1, accelerator: str = "auto",
+                 strategy: Strategy | str | None = None,
                  max_steps: int = -1, max_epochs: int | None = None, accumulate_grad_batches: int = 1,
                  gradient_clip_val: float | None = None, precision: str | int = "32",
                  val_check_interval: int | float | None = None, limit_val_batches: int | float | None = None,
-                 log_every_n_steps: int = 10, callbacks: list | None = None, seed: int = 1234,
+                 log_every_n_steps: int = 10, callbacks: list[Any] | None = None, seed: int = 1234,
                  enable_progress_bar: bool = True, enable_checkpointing: bool = True,
-                 num_sanity_val_steps: int = 0, use_distributed_sampler: bool = True, logger: Any = None) -> None:
+                 num_sanity_val_steps: int = 0, use_distributed_sampler: bool | None = None, logger: Any = None) -> None:
         if str(precision) not in PRECISIONS:
             raise bad_value("precision", precision, f"use one of {sorted(PRECISIONS)}")
         if accelerator not in ("auto", "cpu", "gpu", "cuda"):
@@ -102,9 +123,10 @@ class Trainer:
         for field, value in (("accumulate_grad_batches", accumulate_grad_batches), ("devices", devices),
                              ("num_nodes", num_nodes), ("log_every_n_steps", log_every_n_steps)):
             check_int(field, value)
+        _refuse_unused_lightning_args(num_sanity_val_steps, use_distributed_sampler, logger)
         self.devices, self.num_nodes, self.accelerator = devices, num_nodes, accelerator
         self._strategy_arg = strategy
-        self.strategy = resolve_strategy(strategy)  # validated now; None/'auto' is re-decided in fit
+        self.strategy: Strategy = resolve_strategy(strategy)  # validated now; None/'auto' is re-decided in fit
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
@@ -112,13 +134,16 @@ class Trainer:
         self.autocast_dtype, self.weight_dtype = PRECISIONS[str(precision)]
         self.val_check_interval, self.limit_val_batches = val_check_interval, limit_val_batches
         self.log_every_n_steps, self.callbacks, self.seed = log_every_n_steps, list(callbacks or []), seed
+        self._hooks = [as_callback(cb, i) for i, cb in enumerate(self.callbacks)]
+        self.model: TrainableModel | None = None
         self.enable_progress_bar, self.enable_checkpointing = enable_progress_bar, enable_checkpointing
         self.global_step = 0
         self.run_dir: Path | None = None
         self._stop_requested = False
 
     # -- setup ---------------------------------------------------------------------------
-    def _setup(self, model: TrainableModel, data: DataModule, peft: PeftMethod | None, optim: OptimizerModule):
+    def _setup(self, model: TrainableModel, data: DataModule, peft: PeftMethod | None,
+               optim: OptimizerModule) -> TrainingSetup:
         if self._strategy_arg in (None, "auto"):
             self.strategy = resolve_strategy(self._strategy_arg)
         torch.manual_seed(self.seed)  # before setup: Megatron derives its model-parallel RNG streams from it
@@ -128,23 +153,23 @@ class Trainer:
         if peft is not None:
             model.apply_peft(peft)
         elif self.weight_dtype is not None and self.strategy.rank == 0:
-            log.warning("precision='bf16-true' with full fine-tuning: the weights and AdamW state are bf16, with "
+            logger.warning("precision='bf16-true' with full fine-tuning: the weights and AdamW state are bf16, with "
                         "no fp32 master copy (small updates round away); use precision='bf16-mixed' to keep fp32 weights")
         data.setup(model.tokenizer, dp_rank=self.strategy.dp_rank, dp_size=self.strategy.dp_size)
         accum = self._accumulation(data)
-        module = self.strategy.wrap(model.model, mixed_precision=self.autocast_dtype or self.weight_dtype)
+        module = self.strategy.wrap(model, mixed_precision=self.autocast_dtype or self.weight_dtype)
         max_steps = self.max_steps
         if max_steps <= 0:
             per_epoch = data.micro_batches_per_epoch // accum
             if per_epoch == 0:
                 raise ConfigError(f"the training split has {data.micro_batches_per_epoch} micro-batches per rank, "
                                   f"fewer than one optimizer step ({accum}): use more data or smaller batches")
-            max_steps = per_epoch * self.max_epochs
+            max_steps = per_epoch * (self.max_epochs or 0)  # __init__ refuses max_steps <= 0 without epochs
         if self.max_steps <= 0:  # max_steps came from max_epochs: fit checked the schedule against neither
             optim.check(max_steps)
         self._clip = self.gradient_clip_val or optim.clip_grad
         optimizer, scheduler = optim.build((p for p in module.parameters() if p.requires_grad), max_steps)
-        return module, optimizer, scheduler, accum, max_steps
+        return TrainingSetup(module, optimizer, scheduler, accum, max_steps)
 
     def _accumulation(self, data: DataModule) -> int:
         from_data = data.accumulate_grad_batches
@@ -173,9 +198,12 @@ class Trainer:
             return launch_fit(self, self.devices, (model, data, peft, optim, log_cfg, resume), ckpt_root,
                               PREEMPTED_EXIT_CODE)
         if self.devices * self.num_nodes not in (1, env_world_size()):
-            log.info("devices=%d x num_nodes=%d differs from the launcher's WORLD_SIZE=%d; using the launcher's",
+            logger.info("devices=%d x num_nodes=%d differs from the launcher's WORLD_SIZE=%d; using the launcher's",
                      self.devices, self.num_nodes, env_world_size())
-        module, optimizer, scheduler, accum, max_steps = self._setup(model, data, peft, optim)
+        self.model = model
+        built = self._setup(model, data, peft, optim)
+        module, optimizer, scheduler, accum, max_steps = (built.module, built.optimizer, built.scheduler,
+                                                          built.accumulate, built.max_steps)
         resume_from = resume.find(ckpt_root, self.strategy) if resume is not None else None
         if resume_from is None and (ckpt_root / "last").is_symlink():
             raise ConfigError(f"{run_dir} already holds checkpoints of another run: pass "
@@ -194,7 +222,8 @@ class Trainer:
                                  keep_last=log_cfg.ckpt.keep_last, resumed_from=start)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         module.train()  # from_pretrained returns eval mode: dropout must be on while training
-        self._fire("on_train_start", module)
+        for cb in self._hooks:
+            cb.on_train_start(self, module)
         batches = data.train_batches()
         bar = tqdm(total=max_steps, initial=start, disable=not (self.enable_progress_bar and self.strategy.rank == 0),
                    desc="train", dynamic_ncols=True)
@@ -219,7 +248,8 @@ class Trainer:
                     if val is not None:
                         metrics.log(step, {"val_loss": val})
                         step_metrics["val_loss"] = val
-                self._fire("on_train_step_end", step, step_metrics)
+                for cb in self._hooks:
+                    cb.on_train_step_end(self, step, step_metrics)
                 stop = self._sigterm_agreed()
                 last = step == max_steps
                 if self.enable_checkpointing and (last or stop or (every and step % every == 0)):
@@ -235,15 +265,18 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
         metrics.close()
-        self._fire("on_train_end")
+        for cb in self._hooks:
+            cb.on_train_end(self)
         return run_dir
 
-    def _train_step(self, model, module, optimizer, scheduler, micro) -> tuple[float, int, int]:
+    def _train_step(self, model: TrainableModel, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, micro: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
         """One optimizer step over the micro-batches; the loss is token-weighted over the whole step."""
         device = self.strategy.device
         micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
         # counted on whole micro-batches: every rank of a replica (tp, cp) reads the same ones
-        n_tokens = self.strategy.all_reduce(sum(b["loss_mask"].sum() for b in micro).to(torch.float64)).item()
+        n_tokens = self.strategy.all_reduce(torch.stack([b["loss_mask"].sum() for b in micro]).sum()
+                                            .to(torch.float64)).item()
         if n_tokens == 0:
             raise ConfigError("a training step has no loss tokens (every label is masked): check loss_mask/formatting")
         seen = sum(int(b["num_tokens"].sum()) if "num_tokens" in b else b["input_ids"].numel() for b in micro)
@@ -267,13 +300,13 @@ class Trainer:
                                                                          device=device)]))
         return sums[0].item() / n_tokens, int(n_tokens), int(sums[1].item())
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.strategy.device.type, dtype=self.autocast_dtype)
 
     # -- validation ----------------------------------------------------------------------
-    def _should_validate(self, step: int, max_steps: int, data) -> bool:
+    def _should_validate(self, step: int, max_steps: int, data: DataModule) -> bool:
         if self.limit_val_batches == 0 or not data.has_validation:
             return False
         interval = self.val_check_interval
@@ -282,7 +315,7 @@ class Trainer:
         return step == max_steps or bool(interval and step % int(interval) == 0)
 
     @torch.no_grad()
-    def validate(self, model, module, data) -> float | None:
+    def validate(self, model: TrainableModel, module: torch.nn.Module, data: DataModule) -> float | None:
         """Token-weighted validation loss over (at most ``limit_val_batches``) validation batches."""
         batches = list(data.val_batches() or [])
         limit = self.limit_val_batches
@@ -300,21 +333,29 @@ class Trainer:
         total = self.strategy.all_reduce(torch.cat([self.strategy.sum_sequence_shards(loss), tokens])).cpu()
         return float(total[0] / total[1]) if total[1] > 0 else None
 
-    def _fire(self, hook: str, *args) -> None:
-        """Call ``hook(trainer, *args)`` on each callback that defines it (Lightning-style optional hooks)."""
-        for cb in self.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None:
-                fn(self, *args)
-
     # -- preemption ----------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
 
     def _sigterm_agreed(self) -> bool:
         """True on every rank once any rank got SIGTERM (so all ranks checkpoint together)."""
         flag = torch.tensor([float(self._stop_requested)], device=self.strategy.device)
         return bool(self.strategy.all_reduce(flag, world=True).item() > 0)
+
+
+def _refuse_unused_lightning_args(num_sanity_val_steps: int, use_distributed_sampler: bool | None,
+                                  logger: Any) -> None:
+    """Lightning arguments that change nothing here: say so once instead of dropping them silently."""
+    if logger not in (None, False):
+        raise bad_value("logger", logger, "trackers go on the run's NeMoLogger: finetune(log=NeMoLogger(wandb="
+                        "WandbLogger(...), mlflow=MLflowLogger(...)))")
+    if num_sanity_val_steps:
+        warnings.warn(f"Trainer(num_sanity_val_steps={num_sanity_val_steps}) is ignored: no sanity validation runs "
+                      "before training here", UserWarning, stacklevel=3)
+    if use_distributed_sampler is not None:
+        warnings.warn(f"Trainer(use_distributed_sampler={use_distributed_sampler}) is ignored: the data module always "
+                      "splits batches over the data-parallel ranks with its own resumable sampler",
+                      UserWarning, stacklevel=3)
 
 
 def _print0(trainer: Trainer, msg: str) -> None:

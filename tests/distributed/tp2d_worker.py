@@ -40,7 +40,8 @@ def logits(run: dict) -> None:
     s.setup("cpu")
     for i, path in enumerate(run["logits"]):
         model = HFAutoModelForCausalLM(path)
-        module = s.wrap(model.configure_model("cpu"))
+        model.configure_model("cpu")
+        module = s.wrap(model)
         with torch.no_grad():
             out = module.eval()(input_ids=IDS, use_cache=False).logits
         if s.rank == 0:

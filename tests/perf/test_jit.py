@@ -13,6 +13,7 @@ import torch
 from nemo_automodel import lightning as nl
 from nemo_automodel import llm
 from nemo_automodel.errors import ConfigError
+from nemo_automodel.models.layers import decoder_layers
 from nemo_automodel.trainer.jit import JitConfig, JitTransform, jit_compile, select_modules
 from tests.helpers import chat_dataset, train_losses
 
@@ -27,12 +28,15 @@ def _tiny():
 
 def test_selection():
     model = _tiny()
-    assert [n for n, _ in select_modules(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    blocks = decoder_layers(model)  # what HFAutoModelForCausalLM.repeated_blocks names
+    assert [n for n, _ in select_modules(model, blocks=blocks)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
     assert select_modules(model, ".") == [("", model)]
     assert [n for n, _ in select_modules(model, "*.mlp")] == [f"model.layers.{i}.mlp" for i in range(3)]
     assert [n for n, _ in select_modules(model, "model*")] == ["model"]  # outermost match only
     with pytest.raises(ConfigError):
         jit_compile(model, JitConfig(use_torch=True, module_selector="nothing*"))
+    with pytest.raises(ConfigError, match="names no repeated blocks"):  # the default asks the model, not a guess
+        jit_compile(model, JitConfig(use_torch=True), blocks=[])
     with pytest.raises(ConfigError):
         JitConfig(use_thunder=True)
     assert jit_compile(model, JitConfig(use_torch=False)) == []
@@ -41,7 +45,7 @@ def test_selection():
 def test_compile_keeps_state_dict_keys():
     model = _tiny()
     keys = list(model.state_dict())
-    JitTransform(use_torch=True).on_train_start(None, model)
+    assert jit_compile(model, JitConfig(use_torch=True), decoder_layers(model)) == [f"model.layers.{i}" for i in range(3)]
     assert list(model.state_dict()) == keys
 
 

@@ -11,7 +11,7 @@ from test_plan import lora, n_params, tiny
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.parallel.strategy import FSDP2Strategy
-from nemo_automodel.plan import Job, estimate
+from nemo_automodel.plan import TrainingJob, estimate
 from nemo_automodel.plan.accounting import ACTIVATION_ROW, GRADIENTS, LOGITS_ROW, OPTIMIZER, WEIGHTS
 from nemo_automodel.plan.report import describe
 
@@ -35,8 +35,8 @@ def _local_adapters(cfg, tp: int, r: int = 8) -> int:
     return cfg.num_hidden_layers * per_layer
 
 
-def _job(cfg, **kw) -> Job:
-    return Job(cfg, seq_length=256, strategy="fsdp2", **kw)
+def _job(cfg, **kw) -> TrainingJob:
+    return TrainingJob(cfg, seq_length=256, strategy="fsdp2", **kw)
 
 
 def test_tp_divides_the_sharded_linear_layers_and_keeps_the_rest_whole():
@@ -74,13 +74,13 @@ def test_tp_activations_shrink_to_between_half_and_all_and_logits_stay_whole():
 def test_cp_divides_the_sequence_and_shards_states_over_dp_times_cp():
     cfg = tiny()
     cp = estimate(_job(cfg, devices=4, context_parallel=2))
-    dp4_half_seq = estimate(Job(cfg, seq_length=128, strategy="fsdp2", devices=4))
+    dp4_half_seq = estimate(TrainingJob(cfg, seq_length=128, strategy="fsdp2", devices=4))
     # one rank's step is that of half the sequence, and FSDP shards over dp 2 x cp 2 = 4
     assert cp.components == dp4_half_seq.components and cp.sizes == dp4_half_seq.sizes
     assert cp.sizes[WEIGHTS] == 4 * n_params(cfg) / 4
     # a row is padded to a multiple of 2 x C first: 250 tokens -> 252 -> 126 per rank
-    padded = estimate(Job(cfg, seq_length=250, strategy="fsdp2", devices=4, context_parallel=2))
-    assert padded.components == estimate(Job(cfg, seq_length=126, strategy="fsdp2", devices=4)).components
+    padded = estimate(TrainingJob(cfg, seq_length=250, strategy="fsdp2", devices=4, context_parallel=2))
+    assert padded.components == estimate(TrainingJob(cfg, seq_length=126, strategy="fsdp2", devices=4)).components
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -94,7 +94,7 @@ def test_cp_divides_the_sequence_and_shards_states_over_dp_times_cp():
 ])
 def test_impossible_layouts_are_one_line(kwargs, match):
     with pytest.raises(ConfigError, match=match) as err:
-        estimate(Job(tiny(), **kwargs))
+        estimate(TrainingJob(tiny(), **kwargs))
     assert "\n" not in str(err.value)
 
 
@@ -111,7 +111,7 @@ def test_the_recipe_adapter_reads_the_strategy_sizes(tmp_path):
     job = job_from_recipe(recipe, gpus=8)
     assert (job.tensor_parallel, job.context_parallel, job.data_parallel, job.strategy) == (2, 2, 2, "fsdp2")
     assert job.accumulate == 8 // (1 * 2)  # the global batch is over the 2 replicas, not the 8 GPUs
-    same = Job(transformers.AutoConfig.from_pretrained(tmp_path / "model"), peft=job.peft, strategy="fsdp2",
+    same = TrainingJob(transformers.AutoConfig.from_pretrained(tmp_path / "model"), peft=job.peft, strategy="fsdp2",
                devices=8, micro_batch_size=1, seq_length=512, accumulate=4, tensor_parallel=2, context_parallel=2)
     assert plan_recipe(recipe, gpus=8).estimate.components == estimate(same).components
     assert isinstance(recipe.trainer.strategy, fdl.Buildable)  # read, not built

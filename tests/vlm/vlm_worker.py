@@ -6,7 +6,7 @@ SPEC holds ``{"runs": [run, ...]}``, trained one after another in this process. 
   optim ("adamw"|"sgd")                 as in the text worker (tests/distributed/worker.py); "sgd" also writes out/init.pt
   out                                   folder for results: trainable.pt (rank 0: the full trainable weights)
                                         and sharded.json (rank 0: the modules fully_shard-ed, the tower and
-                                        decoder prefixes, the blocks decoder_layers picked)
+                                        decoder prefixes, the blocks the model names)
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ from nemo_automodel.api import finetune  # noqa: E402
 from nemo_automodel.data import HFImageTextDataModule  # noqa: E402
 from nemo_automodel.models import HFAutoModelForImageTextToText  # noqa: E402
 from nemo_automodel.models.hf_vlm import language_model_prefix, vision_towers  # noqa: E402
-from nemo_automodel.models.layers import decoder_layers  # noqa: E402
 from nemo_automodel.parallel.strategy import FSDP2Strategy  # noqa: E402
 from nemo_automodel.peft import LoRA  # noqa: E402
 from nemo_automodel.trainer import NeMoLogger, Trainer  # noqa: E402
 
 
 class RecordingFSDP2(FSDP2Strategy):
-    """FSDP2 that notes the blocks ``decoder_layers`` picks before ``fully_shard`` renames their classes."""
+    """FSDP2 that notes the blocks the model names before ``fully_shard`` renames their classes."""
 
-    def wrap(self, module, mixed_precision=None):
-        names = {id(m): n for n, m in module.named_modules()}
-        self.blocks = [names[id(b)] for b in decoder_layers(module)]
-        return super().wrap(module, mixed_precision)
+    def wrap(self, model, mixed_precision=None):
+        names = {id(m): n for n, m in model.model.named_modules()}
+        self.blocks = [names[id(b)] for b in model.repeated_blocks()]
+        return super().wrap(model, mixed_precision)
 
 
 def fit(run: dict) -> tuple:
