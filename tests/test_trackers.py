@@ -466,6 +466,25 @@ def test_mlflow_default_store_is_beside_the_runs(tmp_path, monkeypatch):
     assert MLflowLogger(tracking_uri="sqlite:///x.db").resolved_uri(run_dir) == "sqlite:///x.db"
 
 
+def test_an_in_memory_sqlite_store_starts_and_keeps_the_plot_beside_the_runs(tmp_path, monkeypatch):
+    """``sqlite:///:memory:`` has no folder to put artifacts beside (it crashed in start): they go where the
+    default store's do, ``<log_dir>/mlartifacts``, never under the current directory."""
+    require_module("mlflow", f"the trackers extra ({EXTRA})")
+    monkeypatch.chdir(tmp_path)
+    run_dir, plot = tmp_path / "runs" / "lora", tmp_path / "loss.png"
+    plot.write_bytes(b"png")
+    tracker = MLflowLogger(tracking_uri="sqlite:///:memory:")
+    tracker.check(run_dir)
+    tracker.start(run_dir, {"peft.dim": 8}, 0)
+    tracker.log(1, {"train_loss": 2.5})
+    client = tracker._client
+    tracker.finish(plot, "FINISHED")
+    assert client.get_run(tracker.run_id).data.metrics == {"train_loss": 2.5}
+    stored = list((tmp_path / "runs" / "mlartifacts").rglob("loss.png"))
+    assert len(stored) == 1 and tracker.run_id in stored[0].parts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "runs"]
+
+
 def test_a_wandb_resume_in_the_second_of_the_last_attempt_waits_for_a_folder_of_its_own(tmp_path):
     """A resume that starts in the same second as the last attempt would share its offline folder (W&B names it
     by the second) and replace its records; the logger waits for the next second first."""

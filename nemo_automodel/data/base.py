@@ -99,9 +99,15 @@ class SampledDataModule:
                                           self.shuffle, self.seed)
         self._sampler.load_state_dict(self._state)
 
-    def _require_setup(self) -> None:
+    def _require_setup(self) -> MicroBatchSampler:
+        """The sampler ``setup`` made; refuses a module that was not set up."""
         if self._sampler is None:
-            raise RuntimeError(f"{type(self).__name__}.setup({self.setup_arg}, dp_rank, dp_size) must run first")
+            raise self._setup_first()
+        return self._sampler
+
+    def _setup_first(self) -> RuntimeError:
+        """The error for a module used before ``setup``."""
+        return RuntimeError(f"{type(self).__name__}.setup({self.setup_arg}, dp_rank, dp_size) must run first")
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -117,8 +123,7 @@ class SampledDataModule:
     @property
     def micro_batches_per_epoch(self) -> int:
         """Training micro-batches per epoch on this rank."""
-        self._require_setup()
-        return self._sampler.batches_per_epoch
+        return self._require_setup().batches_per_epoch
 
     @property
     def train_dataset(self) -> Any:
@@ -135,8 +140,7 @@ class SampledDataModule:
     # ---- batches -----------------------------------------------------------------------------
     def train_batches(self) -> Iterator[Batch]:
         """Infinite iterator over this rank's training micro-batches, from the current position."""
-        self._require_setup()
-        for indices in self._sampler:
+        for indices in self._require_setup():
             yield self._collate(self._train, indices)
 
     def val_batches(self) -> list[Batch] | None:

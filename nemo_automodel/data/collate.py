@@ -8,6 +8,7 @@ pad), ``position_ids`` LongTensor [B, T] (pads continue the row's last count). N
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ import torch
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
 
 
-def collate(rows: Sequence[Mapping[str, Sequence]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Mapping[str, Sequence[Any] | np.ndarray]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Stack rows (``input_ids``, ``labels``, ``loss_mask`` and optional ``position_ids``) into a
     right-padded batch. Pads get ``pad_token_id`` as input and label and 0 loss weight; a row
     without ``position_ids`` gets ``arange``; pad positions continue from the row's last one.

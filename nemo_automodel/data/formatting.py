@@ -9,7 +9,7 @@ holds, -1 when the formatting cannot tell).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, count
 from typing import Any
 
@@ -50,7 +50,7 @@ def _name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def finish_full(full: list[int], target_mask: list[float], max_len: int, replies: int = -1) -> dict[str, Any]:
+def finish_full(full: list[int], target_mask: Sequence[float], max_len: int, replies: int = -1) -> dict[str, Any]:
     """Shift a full token list (``input_ids=full[:-1]``, ``labels=full[1:]``) and truncate it to
     ``max_len`` positions. ``target_mask[i]`` says whether token ``full[i]`` is trained on."""
     targets = target_mask[1:]
@@ -70,7 +70,7 @@ def finish_shifted(input_ids: list[int], labels: list[int], loss_mask: list[floa
             "prompt_len": _first_nonzero(loss_mask), "full_len": len(input_ids), "replies": -1}
 
 
-def _first_nonzero(values: list) -> int:
+def _first_nonzero(values: Iterable[Any]) -> int:
     """Index of the first truthy value, -1 if none (``compress`` scans in C)."""
     return next(compress(count(), values), -1)
 

@@ -96,7 +96,7 @@ class HFImageTextDataModule(SampledDataModule):
                               f"{ds.column_names}: rename it or set messages_column=")
         for i in range(len(ds)):  # every row renders and every image opens, before any weights train
             messages, _ = self._row(ds, i)
-            self._encoder.render(messages, False, i)
+            self._ready_encoder().render(messages, False, i)
         return ds
 
     def _row(self, ds: Any, i: int) -> tuple[list[dict], list[Any]]:
@@ -105,4 +105,10 @@ class HFImageTextDataModule(SampledDataModule):
     def _collate(self, ds: Any, indices: np.ndarray) -> Batch:
         """Encode rows ``indices`` of ``ds`` (a ``datasets.Dataset``) into one micro-batch."""
         rows = [self._row(ds, i) for i in indices]
-        return self._encoder.batch(rows, [int(i) for i in indices])
+        return self._ready_encoder().batch(rows, [int(i) for i in indices])
+
+    def _ready_encoder(self) -> ImageChatEncoder:
+        """The processor's encoder (made by ``setup``)."""
+        if self._encoder is None:
+            raise self._setup_first()
+        return self._encoder

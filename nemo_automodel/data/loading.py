@@ -47,10 +47,11 @@ def looks_local(name: str) -> bool:
 
 def _builder(files: list[str]) -> str:
     kinds = {BUILDERS.get(_suffix(f)) for f in files}
-    if None in kinds or len(kinds) != 1:
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if kind is None:
         raise bad_value(FIELD, files if len(files) > 1 else files[0],
                         f"data files of one kind among {sorted(BUILDERS)} (optionally compressed)")
-    return kinds.pop()
+    return kind
 
 
 def _bad_json_line(files: list[str]) -> str | None:

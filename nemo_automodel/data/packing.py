@@ -14,7 +14,7 @@ import numpy as np
 from nemo_automodel.errors import bad_value
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def first_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Pack items of the given lengths into bins of ``capacity``; return the item indices per bin.
 
     Items are placed longest first (ties by index), each into the lowest-numbered bin that still
@@ -49,7 +49,7 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def packed_position_ids(lengths: Sequence[int]) -> np.ndarray:
+def packed_position_ids(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     """Concatenated ``arange(n)`` for each length: positions restarting at 0 at every sample."""
     lens = np.asarray(lengths, dtype=np.int64)
     total = int(lens.sum())

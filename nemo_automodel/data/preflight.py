@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def _histogram(lengths: np.ndarray, max_len: int, bins: int = 8, width: int = 40
 
 
 # ---- stop tokens --------------------------------------------------------------------------------------
-def stop_token_ids(tokenizer: Any, extra: list[str | int] = ()) -> dict[int, str]:
+def stop_token_ids(tokenizer: Any, extra: Sequence[str | int] = ()) -> dict[int, str]:
     """Token ids that end a reply: EOS, the chat template's end-of-turn, a local generation config's EOS
     ids and ``extra`` (token strings or ids)."""
     ids = {tokenizer.eos_token_id} | set(_template_end_of_turn(tokenizer)) | set(_generation_eos(tokenizer))
@@ -238,7 +239,7 @@ def _tokens_line(data: HFDatasetDataModule, store: SampleStore, row_lengths: np.
             f"optimizer steps per epoch: {steps}")
 
 
-def preflight(data: HFDatasetDataModule, tokenizer: Any, samples: int = 3, stop_tokens: list[str | int] = (),
+def preflight(data: HFDatasetDataModule, tokenizer: Any, samples: int = 3, stop_tokens: Sequence[str | int] = (),
               dp_size: int = 1) -> PreflightReport:
     """Format ``data`` as training will (``data.setup``) and check what it would train on.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class SplitAudit:
         return self.full_len > self.max_len
 
 
-class Rows(Sequence):
+class Rows(Sequence[dict[str, np.ndarray]]):
     """The rows batches are made of: one sample each, or (``pack_size > 0``) packed samples.
 
     A packed row concatenates its samples and carries ``position_ids`` restarting at 0 per
@@ -99,7 +99,15 @@ class Rows(Sequence):
     def __len__(self) -> int:
         return len(self.store) if self.bins is None else len(self.bins)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    @overload
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, np.ndarray]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         if i < 0 or i >= len(self):
             raise IndexError(i)
         if self.bins is None:

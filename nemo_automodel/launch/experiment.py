@@ -187,8 +187,8 @@ class Experiment:
         # (for tasks defined in __main__): a script or notebook that launches at module level would
         # launch again from inside its own jobs. Skip that when no task refers to __main__.
         main = sys.modules.get("__main__")
-        hide = main is not None and not any(_uses_main(t["task"]) for t in self._tasks)
-        if hide:
+        hidden = main if not any(_uses_main(t["task"]) for t in self._tasks) else None
+        if hidden is not None:
             sys.modules["__main__"] = types.ModuleType("__main__")  # no source: NeMo-Run copies nothing
         try:
             with self._exp:
@@ -196,8 +196,8 @@ class Experiment:
                 self._exp.run(sequential=sequential and not any(t["dependencies"] for t in self._tasks),
                               detach=detach)
         finally:
-            if hide:
-                sys.modules["__main__"] = main
+            if hidden is not None:
+                sys.modules["__main__"] = hidden
         states = self.status()
         if check and not detach:
             self.raise_for_failures(states)

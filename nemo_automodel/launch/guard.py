@@ -7,7 +7,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from nemo_automodel.errors import ConfigError, RunError, first_line
 
@@ -33,7 +33,7 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are ConfigErrors (one line, exit 2) instead of usage text."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
 

@@ -45,7 +45,10 @@ def python_roots() -> list[str]:
     """
     roots = {sys.prefix, sys.base_prefix}
     for pkg in ("nemo_automodel", "recipes", "executors"):  # located, not imported
-        src = Path(importlib.util.find_spec(pkg).origin).resolve().parent.parent
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:  # not importable here: nothing of it to mount
+            continue
+        src = Path(spec.origin).resolve().parent.parent
         if not str(src).startswith(sys.prefix):
             roots.add(str(src))
     # drop folders already inside another mounted folder

@@ -39,7 +39,7 @@ def _to_typing(tp: Any) -> Any:
     if isinstance(tp, types.UnionType):
         return typing.Union[tuple(_to_typing(a) for a in args)]  # noqa: UP007
     origin = typing.get_origin(tp)
-    alias = {list: typing.List, dict: typing.Dict, tuple: typing.Tuple}.get(origin)  # noqa: UP006
+    alias: Any = {list: typing.List, dict: typing.Dict, tuple: typing.Tuple}.get(origin)  # noqa: UP006
     if alias is not None and args:
         return alias[tuple(_to_typing(a) for a in args)] if origin is not list else alias[_to_typing(args[0])]
     return tp

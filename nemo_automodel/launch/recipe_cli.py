@@ -23,7 +23,7 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import catalogue
 import nemo_run as run
@@ -55,7 +55,7 @@ class AutoModelRunContext(RunContext):
     sequential: bool = True
     summary: Optional[str] = None  # noqa: UP045
     # name -> executor factory (``executors.REGISTRY``), set by `register`; a sweep runs on "local" by default
-    executor_factories = types.MappingProxyType({})
+    executor_factories: ClassVar[Mapping[str, Callable[..., run.Executor]]] = types.MappingProxyType({})
 
     def cli_execute(self, fn: Callable, args: list[str], entrypoint_type: str = "task") -> None:
         try:
@@ -106,7 +106,7 @@ class AutoModelRunContext(RunContext):
         if any([self.to_yaml, self.to_toml, self.to_json]):
             raise ConfigError("--to-yaml/--to-toml/--to-json export one graph: drop the list-valued overrides")
         if self.executor is None and not self.direct:
-            self.executor = self.executor_factories["local"]()  # a sweep runs each task in its own process
+            self.executor: run.Executor | None = self.executor_factories["local"]()  # a sweep runs each task in its own process
         assign = lambda task, point: apply_overrides(task, [f"{k}={v}" for k, v in point.items()])  # noqa: E731
         return sweep_tasks(base, axes, assign), base
 

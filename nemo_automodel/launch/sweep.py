@@ -78,7 +78,8 @@ def find_axes(args: Sequence[str], holds_list: Callable[[str], bool]) -> tuple[l
     ``holds_list(key)`` tells whether the attribute already holds a list (then a flat list is a
     plain assignment and only a list of lists sweeps it).
     """
-    fixed, axes = [], []
+    fixed: list[str] = []
+    axes: list[Axis] = []
     for arg in args:
         key, sep, value = arg.partition("=")
         value = value.strip()
@@ -154,7 +155,7 @@ def summary_rows(tasks: Sequence[tuple[str, dict[str, str], str, Path | None]]) 
     rows = []
     for name, combo, status, run_dir in tasks:
         metrics = final_metrics(run_dir) if run_dir else {}
-        row = {"task": name, "status": status, **combo}
+        row: dict[str, Any] = {"task": name, "status": status, **combo}
         row.update({k: metrics.get(k) for k in SUMMARY_KEYS})
         row["run_dir"] = str(run_dir) if run_dir else None
         rows.append(row)

@@ -71,6 +71,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from nemo_automodel.contracts import PeftMethod
+from nemo_automodel.errors import bad_value
 from nemo_automodel.plan.accounting import COMPONENTS, MemoryEstimate, estimate
 from nemo_automodel.plan.job import TrainingJob
 from nemo_automodel.plan.recommend import Advice, Change, recommend
@@ -114,10 +116,13 @@ def plan(job: TrainingJob, gpu_memory: int | float | str | None = None) -> Plan:
     return Plan(est, budget, advice)
 
 
-def plan_memory(model: Any, *, gpu_memory: int | float | str | None = None, peft: Any = None, **job: Any) -> Plan:
+def plan_memory(model: Any, *, gpu_memory: int | float | str | None = None, peft: PeftMethod | str | None = None,
+                **job: Any) -> Plan:
     """`plan` from plain arguments: ``model`` (id, folder or config), ``peft`` (a PEFT method, or
     ``"lora"`` for LoRA rank 16 on every projection) and `TrainingJob`'s other fields."""
-    if peft == "lora":
+    if isinstance(peft, str):
+        if peft != "lora":
+            raise bad_value("peft", peft, "use a PEFT method (e.g. nemo_automodel.peft.LoRA(...)), 'lora' or None")
         from nemo_automodel.peft import LoRA
 
         peft = LoRA(target_modules=["*_proj"], dim=16, alpha=32)

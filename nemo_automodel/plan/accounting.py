@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nemo_automodel.contracts import PeftMethod
 from nemo_automodel.models.chunked_ce import lean_head_unsupported
 from nemo_automodel.models.hf_loading import load_config
 from nemo_automodel.parallel.context_parallel import padded_length
@@ -82,7 +83,7 @@ def _config_key(config) -> str:
     return config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
 
 
-def _peft_key(peft) -> str:
+def _peft_key(peft: PeftMethod | None) -> str:
     return "" if peft is None else f"{type(peft).__qualname__}{json.dumps(vars(peft), sort_keys=True, default=str)}"
 
 

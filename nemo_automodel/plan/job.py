@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from nemo_automodel.contracts import PeftMethod
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.hf_loading import resolve_dtype
 from nemo_automodel.models.quantization import check_trainable, resolve_quantization
@@ -46,7 +47,7 @@ class TrainingJob:
     """
 
     model: Any
-    peft: Any = None
+    peft: PeftMethod | None = None
     precision: str = "32"
     torch_dtype: str = "float32"
     quantization: str | dict | None = None
@@ -72,7 +73,8 @@ class TrainingJob:
         if self.strategy not in STRATEGIES:
             raise bad_value("strategy", self.strategy, "use None, 'auto', 'single', 'ddp' or 'fsdp2'")
         object.__setattr__(self, "strategy", STRATEGIES[self.strategy])
-        object.__setattr__(self, "quantization", resolve_quantization(self.quantization, require_installed=False))
+        quantization = resolve_quantization(self.quantization, require_installed=False)
+        object.__setattr__(self, "quantization", quantization)
         if self.device not in DEVICES:
             raise bad_value("device", self.device, "use 'cuda' or 'cpu'")
         for field in ("devices", "micro_batch_size", "accumulate", "tensor_parallel", "context_parallel"):
@@ -81,7 +83,7 @@ class TrainingJob:
         self._check_model_parallel()
         if self.strategy == "single" and self.devices > 1:
             raise ConfigError(f"strategy='single' cannot train on {self.devices} devices: use 'ddp' or 'fsdp2'")
-        check_trainable(self.quantization, self.peft, self.effective_strategy)
+        check_trainable(quantization, self.peft, self.effective_strategy)
 
     def _check_model_parallel(self) -> None:
         tp, cp = self.tensor_parallel, self.context_parallel
@@ -128,16 +130,24 @@ class TrainingJob:
     @property
     def quant_type(self) -> str | None:
         """``"nf4"`` / ``"fp4"`` for a 4-bit base, else None."""
-        return self.quantization["bnb_4bit_quant_type"] if self.quantization else None
+        bnb = self._bnb
+        return bnb["bnb_4bit_quant_type"] if bnb else None
 
     @property
     def quant_bits(self) -> float:
         """Bits per quantized weight, scales included: 4-bit codes + an fp32 absmax per 64 weights (4.5),
         or with double quantization an 8-bit absmax per 64 and an fp32 one per 256 blocks (~4.13)."""
-        double = bool(self.quantization and self.quantization.get("bnb_4bit_use_double_quant"))
+        bnb = self._bnb
+        double = bool(bnb and bnb.get("bnb_4bit_use_double_quant"))
         return 4 + 8 / 64 + 32 / (64 * 256) if double else 4 + 32 / 64
 
     @property
     def quant_compute_dtype(self) -> torch.dtype:
         """The dtype bitsandbytes computes the 4-bit matmuls in (bf16 unless the quantization dict says)."""
-        return resolve_dtype(self.quantization["bnb_4bit_compute_dtype"] if self.quantization else "bfloat16")
+        bnb = self._bnb
+        return resolve_dtype(bnb["bnb_4bit_compute_dtype"] if bnb else "bfloat16")
+
+    @property
+    def _bnb(self) -> dict[str, Any] | None:
+        """``quantization`` as ``__post_init__`` resolved it: BitsAndBytesConfig 4-bit arguments, or None."""
+        return cast("dict[str, Any] | None", self.quantization)

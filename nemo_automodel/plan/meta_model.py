@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from nemo_automodel.contracts import PeftMethod
 from nemo_automodel.errors import ConfigError, first_line
+from nemo_automodel.models.chunked_ce import output_layer
 from nemo_automodel.models.layers import decoder_layers, enable_activation_checkpointing
 
 
@@ -44,7 +46,7 @@ def _truncated(config, layers: int | None):
     return config
 
 
-def build_meta_model(config, dtype: torch.dtype, peft: Any = None, activation_checkpointing: bool = False,
+def build_meta_model(config, dtype: torch.dtype, peft: PeftMethod | None = None, activation_checkpointing: bool = False,
                      layers: int | None = None, trust_remote_code: bool = False) -> MetaModel:
     """Build ``config``'s causal LM on the meta device in ``dtype``, with ``layers`` decoder layers
     (default: all), then checkpointing and ``peft.apply`` as the real model gets them."""
@@ -84,7 +86,7 @@ def shard_tensor_parallel(model: MetaModel, tp_size: int, tp_plan: dict[str, str
     styles = resolve_plan(plan, tp_plan)
     check_divisors(plan, tp_size)
     for name, style in concrete_plan(plan.root, styles, tp_size).items():
-        layer = plan.root.get_submodule(name)
+        layer = cast(torch.nn.Linear, plan.root.get_submodule(name))  # concrete_plan checked it is a Linear
         if style == "colwise":
             layer.out_features //= tp_size
         else:
@@ -125,7 +127,7 @@ def parameters_of(model: MetaModel, total_layers: int | None = None) -> list[Par
     """The parameters of ``model``; with ``total_layers`` above the layers built, the last layer's
     parameters stand for the missing ones (layers that repeat identically)."""
     module = model.module
-    head = module.get_output_embeddings()
+    head = output_layer(module)
     linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear) and m is not head}
     block_of = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
     seen: set[int] = set()

@@ -24,6 +24,11 @@ class Change:
     apply: Callable[[TrainingJob], TrainingJob]
 
 
+def _micro_batch(m: int) -> Callable[[TrainingJob], TrainingJob]:
+    """The job with micro-batches of ``m`` rows and the same global batch (more accumulation)."""
+    return lambda j: j.replace(micro_batch_size=m, accumulate=j.accumulate * (j.micro_batch_size // m))
+
+
 def _ladder(job: TrainingJob) -> list[Change | list[Change]]:
     """Changes in order of cost (throughput, then quality); a list is alternatives, first that fits wins."""
     steps: list[Change | list[Change]] = []
@@ -45,8 +50,7 @@ def _ladder(job: TrainingJob) -> list[Change | list[Change]]:
         sizes.append(mbs)
     if sizes:
         steps.append([Change(f"data.micro_batch_size={m}", f"{job.micro_batch_size // m}x more gradient accumulation "
-                             "(same global batch)",
-                             lambda j, m=m: j.replace(micro_batch_size=m, accumulate=j.accumulate * (j.micro_batch_size // m)))
+                             "(same global batch)", _micro_batch(m))
                       for m in sizes])
     if not job.activation_checkpointing:
         steps.append(Change("model.activation_checkpointing=True", "keep one input per decoder layer, recompute "

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from nemo_automodel.errors import ConfigError, first_line
-from nemo_automodel.models.chunked_ce import fused_lm_head_loss
+from nemo_automodel.models.chunked_ce import fused_lm_head_loss, output_layer
 from nemo_automodel.models.loss import masked_cross_entropy
 
 ACTIVATIONS, LOGITS, BLOCK_GRADS, OTHER_GRADS = range(4)
@@ -108,7 +109,7 @@ class _LiveBytes(TorchDispatchMode):
         super().__init__()
         self.kind, self.region = ACTIVATIONS, PRE
         self.totals = [0, 0, 0, 0]
-        self.rows: list[tuple[int, int, int, int]] = []
+        self.rows: list[tuple[int, ...]] = []
         self.regions: list[int] = []
         self._live: dict[int, list[int]] = {t.untyped_storage()._cdata: [0, ACTIVATIONS] for t in known}
 
@@ -199,7 +200,7 @@ def _meta_semantics(kernels: str, autocast: torch.dtype | None) -> Iterator[None
             masking.find_packed_sequence_indices = saved[1]
 
 
-def emulate_autocast(model: torch.nn.Module, dtype: torch.dtype, skip: set[int] = frozenset()) -> None:
+def emulate_autocast(model: torch.nn.Module, dtype: torch.dtype, skip: AbstractSet[int] = frozenset()) -> None:
     """Make every ``nn.Linear`` of a meta model (but those in ``skip``) compute in ``dtype`` from casts
     of its input, weight and bias, as autocast does for linear layers (the casts are new tensors;
     backward keeps them)."""
@@ -207,19 +208,19 @@ def emulate_autocast(model: torch.nn.Module, dtype: torch.dtype, skip: set[int] 
         if type(module) is torch.nn.Linear and id(module) not in skip:
             def forward(x, layer=module):
                 return F.linear(_to(x, dtype), _to(layer.weight, dtype), _to(layer.bias, dtype))
-            module.forward = forward
+            module.forward = forward  # type: ignore[method-assign]  # torch declares Linear.forward a method
 
 
 class _FourBitMatmul(torch.autograd.Function):
     """bitsandbytes' ``MatMul4Bit``: dequantizes the weight for each product, keeps no activation."""
 
     @staticmethod
-    def forward(ctx, x, weight):  # type: ignore[override]
+    def forward(ctx, x, weight):
         ctx.shape = weight.shape
         return x @ torch.empty(weight.shape, dtype=x.dtype, device=x.device).t()
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         return grad @ torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device), None
 
 
@@ -232,7 +233,7 @@ def emulate_4bit(model: torch.nn.Module, compute: torch.dtype, skip: torch.nn.Mo
             def forward(x, layer=module):
                 out = _FourBitMatmul.apply(x.to(compute), layer.weight)
                 return (out if layer.bias is None else out + layer.bias.to(compute)).to(x.dtype)
-            module.forward = forward
+            module.forward = forward  # type: ignore[method-assign]  # torch declares Linear.forward a method
             done.add(id(module))
     return done
 
@@ -242,7 +243,13 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return next((t for t in tree_leaves(value) if isinstance(t, torch.Tensor)), None)
 
 
-def _watch(tracker: _LiveBytes, model: torch.nn.Module, blocks: list[torch.nn.Module]) -> tuple[list, list[int]]:
+def _model_name(model: torch.nn.Module) -> str:
+    """The HF model's class name (a peft wrapper's base model)."""
+    return type(getattr(model, "get_base_model", lambda: model)()).__name__
+
+
+def _watch(tracker: _LiveBytes, model: torch.nn.Module, blocks: list[torch.nn.Module],
+           head: torch.nn.Module) -> tuple[list, list[int]]:
     """Hooks that keep ``tracker.kind``/``region`` current; returns (handles, activations at each layer's start)."""
     handles, act_at_start, top = [], [0] * len(blocks), len(blocks) - 1
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
@@ -276,7 +283,7 @@ def _watch(tracker: _LiveBytes, model: torch.nn.Module, blocks: list[torch.nn.Mo
         set_region(HEAD, LOGITS)()
         on_output_grad(_first_tensor(args), HEAD)  # backward leaves the loss: still the head's region
 
-    handles.append(model.get_output_embeddings().register_forward_pre_hook(enter_head))
+    handles.append(head.register_forward_pre_hook(enter_head))
     return handles, act_at_start
 
 
@@ -294,12 +301,14 @@ def rehearse_step(model: torch.nn.Module, blocks: list[torch.nn.Module], *, micr
     b, s = micro_batch_size, seq_length
     ids = torch.zeros(b, s, dtype=torch.long, device="meta")
     labels, loss_mask = torch.zeros_like(ids), torch.ones(b, s, device="meta")
-    head = model.get_output_embeddings()
+    head = output_layer(model)
+    if head is None:
+        raise ConfigError(f"cannot estimate the memory of {_model_name(model)}: it has no output layer")
     skip = emulate_4bit(model, four_bit, skip=head) if four_bit is not None else set()
     if autocast is not None:
         emulate_autocast(model, autocast, skip=skip | ({id(head)} if chunked_loss else set()))
     tracker = _LiveBytes([*model.parameters(), *model.buffers()])
-    handles, act_at_start = _watch(tracker, model, blocks)
+    handles, act_at_start = _watch(tracker, model, blocks, head)
     try:
         with _meta_semantics(kernels, autocast), tracker:
             # packed rows: the block-diagonal mask transformers builds from the position ids
@@ -316,8 +325,7 @@ def rehearse_step(model: torch.nn.Module, blocks: list[torch.nn.Module], *, micr
     except ConfigError:
         raise
     except Exception as err:  # an architecture whose step does not run on meta tensors
-        name = type(getattr(model, "get_base_model", lambda: model)()).__name__
-        raise ConfigError(f"cannot estimate the memory of {name}: its training step does not run on the meta "
+        raise ConfigError(f"cannot estimate the memory of {_model_name(model)}: its training step does not run on the meta "
                           f"device ({type(err).__name__}: {first_line(err)})") from None
     finally:
         for handle in handles:

@@ -16,7 +16,8 @@ def _count(n: int) -> str:
 def describe(est: MemoryEstimate) -> str:
     """One line naming the job's settings."""
     job = est.job
-    method = (f"QLoRA (4-bit {job.quant_type.upper()} base)" if job.quantization else "LoRA") if job.peft is not None \
+    quant = job.quant_type  # set exactly when the base is 4-bit
+    method = (f"QLoRA (4-bit {quant.upper()} base)" if quant else "LoRA") if job.peft is not None \
         else "full fine-tuning"
     where = {"single": "1 device", "ddp": f"DDP over {job.devices} devices",
              "fsdp2": f"FSDP2 over {job.devices} devices"}[job.effective_strategy]

@@ -36,7 +36,7 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
-    def _each_tracker(self, method: str, *args) -> None:
+    def _each_tracker(self, method: str, *args: Any) -> None:
         for tracker in list(self.trackers):
             try:
                 getattr(tracker, method)(*args)

@@ -29,13 +29,20 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlparse
 
+from nemo_automodel.contracts import DataModule, OptimizerModule, PeftMethod, TrainableModel
 from nemo_automodel.errors import ConfigError, bad_value, first_line
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+    from wandb import Run
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,7 @@ class Tracker:
         """End the run: ``status`` is ``FINISHED``, ``FAILED`` or ``KILLED``; ``plot`` is loss.png or None."""
         raise NotImplementedError
 
-    def _import(self, module: str):
+    def _import(self, module: str) -> ModuleType:
         import importlib
 
         try:
@@ -90,7 +97,7 @@ class WandbLogger(Tracker):
             raise bad_value("WandbLogger: offline", offline, "use True or False")
         self.project, self.name, self.entity, self.offline = project, name, entity, offline
         self.tags, self.group, self.save_dir = list(tags or []), group, save_dir
-        self._run = None
+        self._run: Run | None = None
         self.run_id: str | None = None
 
     def check(self, run_dir: Path) -> None:
@@ -106,17 +113,19 @@ class WandbLogger(Tracker):
         settings = wandb.Settings(mode="offline" if self.offline else "online", silent=True)
         if self.offline:
             _next_second_after_attempts(save_dir / "wandb", self.run_id)
-        self._run = wandb.init(project=self.project, entity=self.entity, name=self.name or Path(run_dir).name,
-                               id=self.run_id, resume="allow", dir=str(save_dir), tags=self.tags or None,
-                               group=self.group, settings=settings, reinit="create_new")
-        self._run.config.update(params, allow_val_change=True)
-        self._run.define_metric(STEP_KEY)
-        self._run.define_metric("*", step_metric=STEP_KEY, step_sync=True)
+        run = self._run = wandb.init(project=self.project, entity=self.entity, name=self.name or Path(run_dir).name,
+                                     id=self.run_id, resume="allow", dir=str(save_dir), tags=self.tags or None,
+                                     group=self.group, settings=settings, reinit="create_new")
+        run.config.update(params, allow_val_change=True)
+        run.define_metric(STEP_KEY)
+        run.define_metric("*", step_metric=STEP_KEY, step_sync=True)
         self._step = resume_step
         _write_json(state, {"id": self.run_id, "project": self.project, "entity": self.entity,
-                            "offline": self.offline, "dir": self._run.dir and str(Path(self._run.dir).parent)})
+                            "offline": self.offline, "dir": run.dir and str(Path(run.dir).parent)})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._run is None:
+            raise RuntimeError("WandbLogger.log before start (or after finish)")
         self._step = step
         self._run.log({**metrics, STEP_KEY: step})
 
@@ -150,7 +159,7 @@ class MLflowLogger(Tracker):
             raise bad_value("MLflowLogger: experiment_name", experiment_name, "use a non-empty name")
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
         self.tags = dict(tags or {})
-        self._client = None
+        self._client: MlflowClient | None = None
         self.run_id: str | None = None
 
     def resolved_uri(self, run_dir: Path) -> str:
@@ -215,7 +224,7 @@ class MLflowLogger(Tracker):
                 log.warning("mlflow: run %s from %s is gone (%s); starting a new run", saved["run_id"], state,
                             _short(err))
         if run_id is None:
-            experiment_id = self._experiment_id(client, uri)
+            experiment_id = self._experiment_id(client, uri, run_dir)
             tags = {"nemo_automodel.run_dir": str(Path(run_dir).absolute()), **self.tags}
             run_id = client.create_run(experiment_id, run_name=self.run_name or Path(run_dir).name,
                                        tags=tags).info.run_id
@@ -232,13 +241,15 @@ class MLflowLogger(Tracker):
         self._client, self.run_id = client, run_id
         _write_json(state, {"tracking_uri": uri, "run_id": run_id, "experiment_name": self.experiment_name})
 
-    def _experiment_id(self, client, uri: str) -> str:
+    def _experiment_id(self, client: MlflowClient, uri: str, run_dir: Path) -> str:
         found = client.get_experiment_by_name(self.experiment_name)
         if found is not None:
             return found.experiment_id
         location = None
         if urlparse(uri).scheme == "sqlite":  # else MLflow puts artifacts under the current directory
-            location = (_local_path(uri).parent / "mlartifacts").absolute().as_uri()
+            db = _local_path(uri)  # None: an in-memory database, whose artifacts go where the default's do
+            folder = db.parent if db is not None else Path(run_dir).parent
+            location = (folder / "mlartifacts").absolute().as_uri()
         try:
             return client.create_experiment(self.experiment_name, artifact_location=location)
         except Exception:  # created meanwhile by a parallel task
@@ -252,6 +263,8 @@ class MLflowLogger(Tracker):
 
         from mlflow.entities import Metric
 
+        if self._client is None or self.run_id is None:
+            raise RuntimeError("MLflowLogger.log before start (or after finish)")
         now = int(time.time() * 1000)
         self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -259,11 +272,12 @@ class MLflowLogger(Tracker):
         client, self._client = self._client, None
         if client is None:
             return
+        run_id = cast(str, self.run_id)  # set by start, with the client
         try:
             if plot is not None and Path(plot).is_file():
-                client.log_artifact(self.run_id, str(plot))
+                client.log_artifact(run_id, str(plot))
         finally:
-            client.set_terminated(self.run_id, status=status)
+            client.set_terminated(run_id, status=status)
 
 
 # -- used by the trainer --------------------------------------------------------------------------
@@ -304,7 +318,8 @@ def start_trackers(trackers: list[Tracker], run_dir: Path, params: dict[str, Any
     return started
 
 
-def object_params(trainer: Any, model: Any, peft: Any, data: Any, optim: Any) -> dict[str, Any]:
+def object_params(trainer: Any, model: TrainableModel, peft: PeftMethod | None, data: DataModule,
+                  optim: OptimizerModule | None) -> dict[str, Any]:
     """The params a plain-Python run records, under the keys a recipe graph would use (``trainer.max_steps``,
     ``peft.dim``, ``optim.optimizer_fn.lr``…): each object's constructor arguments (`constructor_args`)
     read back from its attribute of the same name, where that value is plain."""
@@ -328,7 +343,7 @@ def object_params(trainer: Any, model: Any, peft: Any, data: Any, optim: Any) ->
         out["peft"] = None
     if optim is not None:
         put("optim", optim)
-        fn = getattr(optim, "optimizer_fn", None)
+        fn: Any = getattr(optim, "optimizer_fn", None)
         if hasattr(fn, "func") and hasattr(fn, "keywords"):  # functools.partial(torch.optim.AdamW, lr=...)
             out["optim.optimizer_fn._target_"] = _qualname(fn.func)
             for key, value in fn.keywords.items():
@@ -407,7 +422,7 @@ def _check_writable(path: Path, what: str) -> None:
 
 
 @contextmanager
-def _env(**values: str):
+def _env(**values: str) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -421,7 +436,7 @@ def _env(**values: str):
 
 
 @contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     try:
         yield
     except Exception as err:  # ending a tracker must never hide the error that ended the run

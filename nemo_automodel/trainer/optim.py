@@ -95,7 +95,9 @@ class PytorchOptimizerModule:
         if self.lr_scheduler is not None:
             self.lr_scheduler.check(max_steps)
 
-    def build(self, params: Iterable[torch.nn.Parameter], max_steps: int):
+    def build(self, params: Iterable[torch.nn.Parameter],
+              max_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """``(optimizer, scheduler)`` over ``params``: a flat LR without ``lr_scheduler``."""
         params = list(params)
         if not params:
             raise bad_value("params", [], "the model has no trainable parameters (check peft/target_modules)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import datasets
 import numpy as np
@@ -95,6 +96,21 @@ def test_datamodule_packing(tokenizer):
         n = int((batch["loss_mask"][b] > 0).nonzero().max()) + 1
         pos = batch["position_ids"][b]
         assert (pos[n:] - pos[n - 1] == np.arange(1, width - n + 1)).all()
+
+
+@pytest.mark.parametrize("packed", [0, 16])
+def test_rows_slice_like_the_sequence_they_are(tokenizer, packed):
+    """``train_dataset`` (``Rows``, a ``collections.abc.Sequence``) takes slices; a slice crashed before."""
+    ds = datasets.Dataset.from_list([{"input_ids": [100 + i] * (n + 1)} for i, n in enumerate([3, 9, 4, 12, 7])])
+    dm = HFDatasetDataModule(ds, packed_sequence_size=packed, seq_length=64, shuffle=False)
+    dm.setup(tokenizer)
+    rows = dm.train_dataset
+    as_lists = lambda picked: [{k: v.tolist() for k, v in row.items()} for row in picked]  # noqa: E731
+    assert isinstance(rows, Sequence) and len(rows) > 1
+    assert as_lists(rows[1::2]) == as_lists(rows[i] for i in range(1, len(rows), 2))
+    assert as_lists(rows[:]) == as_lists(rows) and rows[len(rows):] == []
+    with pytest.raises(IndexError):
+        rows[len(rows)]
 
 
 def test_packing_short_of_prompts_names_packed_sequence_size(tokenizer):

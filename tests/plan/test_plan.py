@@ -14,7 +14,7 @@ import transformers
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.peft import LoRA
-from nemo_automodel.plan import TrainingJob, accounting, estimate, parse_memory, plan
+from nemo_automodel.plan import TrainingJob, accounting, estimate, parse_memory, plan, plan_memory
 from nemo_automodel.plan.accounting import ACTIVATION_ROW, GRADIENTS, LOGITS_ROW, OPTIMIZER, WEIGHTS
 from nemo_automodel.plan.recommend import recommend
 from tests.helpers import require_module
@@ -221,6 +221,14 @@ def test_bad_jobs_are_one_line(kwargs, match):
     with pytest.raises(ConfigError, match=match) as err:
         estimate(TrainingJob(**kwargs))
     assert "\n" not in str(err.value)
+
+
+def test_plan_memory_refuses_a_peft_name_other_than_lora_in_one_line():
+    """Only "lora" names a PEFT method; another name crashed inside the estimate (vars() of a str)."""
+    with pytest.raises(ConfigError, match="peft='dora' is invalid: use a PEFT method") as err:
+        plan_memory(tiny(), peft="dora", seq_length=64)
+    assert "\n" not in str(err.value)
+    assert plan_memory(tiny(), peft="lora", seq_length=64).estimate.job.peft.dim == 16
 
 
 def test_the_old_job_names_import_with_a_deprecation_warning():
