@@ -47,8 +47,9 @@ test: $(STAMP) $(VLLM_STAMP)  ## run the whole suite (what CI runs): builds the 
 test-fast: $(STAMP)  ## the quick inner-loop subset (no slow/distributed/engine tests)
 	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "$(FAST)" tests
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff, and mypy over the package (strict where the contracts are used; pyproject.toml [tool.mypy])
 	$(VENV)/bin/ruff check nemo_automodel recipes executors tests benchmarks tutorials
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)  ## benchmarks (ratios in one run: hand loop, HF Trainer, TRL, MFU, memory) -> benchmarks/RESULTS.md
 	test -d .venv-bench/site/trl || $(PY) -m pip install -q --no-deps --target .venv-bench/site trl==1.16.0
@@ -68,7 +69,7 @@ engines:  ## start (installing if needed; root) the local Slurm cluster and dock
 	.ci/docker-up.sh
 
 clean:  ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
 # The gpu tests' packages (tests/perf/test_gpu_kernels.py, tests/megatron/test_gpu.py, tests/models/test_qlora_gpu.py;
 # 47 MB of wheels), installed --no-deps into a python that already holds a CUDA torch and triton: their declared

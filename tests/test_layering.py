@@ -163,6 +163,12 @@ def _backends():
     from nemo_automodel.megatron import MegatronGPTModel, MegatronOptimizerModule, MegatronStrategy
     from nemo_automodel.models import HFAutoModelForCausalLM
     from nemo_automodel.parallel.strategy import DDPStrategy, FSDP2Strategy, SingleDeviceStrategy
+    from nemo_automodel.trainer.callbacks import Callback, as_callback
+    from nemo_automodel.trainer.jit import JitTransform
+
+    class OneHook:  # a Lightning-style object with only the hook it needs
+        def on_train_end(self, trainer):
+            pass
     from nemo_automodel.peft import LoRA
     from nemo_automodel.trainer.optim import default_optimizer
 
@@ -181,6 +187,9 @@ def _backends():
         (contracts.OptimizerModule, default_optimizer()),
         (contracts.OptimizerModule, MegatronOptimizerModule(OptimizerConfig())),
         (contracts.PeftMethod, LoRA()),
+        (contracts.TrainerCallback, Callback()),
+        (contracts.TrainerCallback, JitTransform()),
+        (contracts.TrainerCallback, as_callback(OneHook())),
     ]
 
 
