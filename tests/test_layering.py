@@ -26,7 +26,7 @@ from nemo_automodel import contracts
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("nemo_automodel", "recipes", "executors")
 FACADES = ("nemo_automodel.llm", "nemo_automodel.vlm", "nemo_automodel.lightning")
-COMPONENTS = ("nemo_automodel.contracts", "nemo_automodel.errors", "nemo_automodel.models", "nemo_automodel.peft",
+COMPONENTS = ("nemo_automodel.contracts", "nemo_automodel.errors", "nemo_automodel.deprecation", "nemo_automodel.models", "nemo_automodel.peft",
               "nemo_automodel.data", "nemo_automodel.parallel", "nemo_automodel.checkpoint", "nemo_automodel.tracking",
               "nemo_automodel.trainer", "nemo_automodel.plan")
 # trainer/ is the loop (and its callbacks), the optimizer module, spawn and JIT; metrics.py is a deprecated re-export
@@ -206,3 +206,22 @@ def test_backends_implement_the_contracts(protocol, impl):
         if inspect.isfunction(wanted):
             have = inspect.signature(getattr(type(impl), name)).parameters
             assert set(inspect.signature(wanted).parameters) <= set(have), f"{type(impl).__name__}.{name}{have}"
+
+
+def test_old_public_paths_still_import_with_a_deprecation_warning():
+    """What the README, tutorials and NeMo-style scripts imported before the rooms moved still works."""
+    import importlib
+    import sys
+
+    from nemo_automodel import checkpoint, parallel, tracking
+    from nemo_automodel.tracking import metrics
+
+    for old, new in (("AutoResume", checkpoint), ("FSDP2Strategy", parallel), ("WandbLogger", tracking)):
+        with pytest.warns(DeprecationWarning, match=rf"nemo_automodel\.trainer\.{old} is deprecated: use "):
+            assert getattr(importlib.import_module("nemo_automodel.trainer"), old) is getattr(new, old)
+    sys.modules.pop("nemo_automodel.trainer.metrics", None)
+    with pytest.warns(DeprecationWarning, match="moved to nemo_automodel.tracking.metrics"):
+        old_metrics = importlib.import_module("nemo_automodel.trainer.metrics")
+    assert old_metrics.read_metrics is metrics.read_metrics
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        importlib.import_module("nemo_automodel.trainer").Nope  # noqa: B018

@@ -53,7 +53,7 @@ def test_optimizer_nodes_come_from_recipes_and_old_names_still_import():
     assert adam.pytorch_adam_with_cosine_annealing is recipe_optim.pytorch_adam_with_cosine_annealing
     built = fdl.build(hf_recipe.pretrain_recipe().optim)
     assert type(built) is optim.PytorchOptimizerModule and built.lr_scheduler.min_lr == pytest.approx(3e-5)
-    with pytest.warns(DeprecationWarning, match="renamed PytorchOptimizerModule"):
+    with pytest.warns(DeprecationWarning, match="use nemo_automodel.trainer.optim.PytorchOptimizerModule"):
         assert optim.OptimizerModule is optim.PytorchOptimizerModule
     with pytest.raises(AttributeError):
         optim.NoSuchName  # noqa: B018

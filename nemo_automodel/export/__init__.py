@@ -3,9 +3,7 @@
 ``Job`` was renamed ``GenerationJob``; the old name still imports, with a DeprecationWarning.
 """
 
-import warnings
-from typing import Any
-
+from nemo_automodel.deprecation import moved_names
 from nemo_automodel.export.deploy import (
     Completion,
     GenerationJob,
@@ -21,9 +19,4 @@ __all__ = ["Completion", "GenerationJob", "check_servable", "export", "generate"
            "resolve_checkpoint", "serve", "serve_command"]
 
 
-def __getattr__(name: str) -> Any:
-    if name != "Job":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("nemo_automodel.export.Job was renamed nemo_automodel.export.GenerationJob", DeprecationWarning,
-                  stacklevel=2)
-    return GenerationJob
+__getattr__ = moved_names(__name__, {"Job": "nemo_automodel.export:GenerationJob"})

@@ -67,11 +67,11 @@ bf16-true and a 4-bit base): within 3.5 % of every measurement, the test's bound
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from nemo_automodel.contracts import PeftMethod
+from nemo_automodel.deprecation import moved_names
 from nemo_automodel.errors import bad_value
 from nemo_automodel.plan.accounting import COMPONENTS, MemoryEstimate, estimate
 from nemo_automodel.plan.job import TrainingJob
@@ -83,12 +83,7 @@ __all__ = ["COMPONENTS", "GIB", "Advice", "Change", "MemoryEstimate", "Plan", "T
            "plan_memory", "parse_memory"]
 
 
-def __getattr__(name: str) -> Any:
-    if name != "Job":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("nemo_automodel.plan.Job was renamed nemo_automodel.plan.TrainingJob", DeprecationWarning,
-                  stacklevel=2)
-    return TrainingJob
+__getattr__ = moved_names(__name__, {"Job": "nemo_automodel.plan:TrainingJob"})
 
 
 @dataclass(frozen=True)

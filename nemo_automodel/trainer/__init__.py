@@ -7,22 +7,12 @@ their old names here still import, with a DeprecationWarning.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
+from nemo_automodel.deprecation import moved_names
 from nemo_automodel.trainer.trainer import PREEMPTED_EXIT_CODE, NeMoLogger, Trainer
-
-_MOVED = {"AutoResume": "nemo_automodel.checkpoint", "ModelCheckpoint": "nemo_automodel.checkpoint",
-          "DDPStrategy": "nemo_automodel.parallel", "FSDP2Strategy": "nemo_automodel.parallel",
-          "SingleDeviceStrategy": "nemo_automodel.parallel", "MLflowLogger": "nemo_automodel.tracking",
-          "WandbLogger": "nemo_automodel.tracking"}
 
 __all__ = ["PREEMPTED_EXIT_CODE", "NeMoLogger", "Trainer"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"nemo_automodel.trainer.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(_MOVED[name]), name)
+__getattr__ = moved_names(__name__, {
+    **{n: f"nemo_automodel.checkpoint:{n}" for n in ("AutoResume", "ModelCheckpoint")},
+    **{n: f"nemo_automodel.parallel:{n}" for n in ("DDPStrategy", "FSDP2Strategy", "SingleDeviceStrategy")},
+    **{n: f"nemo_automodel.tracking:{n}" for n in ("MLflowLogger", "WandbLogger")}})

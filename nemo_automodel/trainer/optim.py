@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from nemo_automodel.deprecation import moved_names
 from nemo_automodel.errors import bad_value, check_int
 
 
@@ -115,9 +115,4 @@ def default_optimizer() -> PytorchOptimizerModule:
     return PytorchOptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0))
 
 
-def __getattr__(name: str) -> Any:
-    if name != "OptimizerModule":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("nemo_automodel.trainer.optim.OptimizerModule is renamed PytorchOptimizerModule (the protocol is "
-                  "nemo_automodel.contracts.OptimizerModule)", DeprecationWarning, stacklevel=2)
-    return PytorchOptimizerModule
+__getattr__ = moved_names(__name__, {"OptimizerModule": "nemo_automodel.trainer.optim:PytorchOptimizerModule"})

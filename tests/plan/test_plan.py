@@ -235,9 +235,9 @@ def test_the_old_job_names_import_with_a_deprecation_warning():
     import nemo_automodel.export as export
     import nemo_automodel.plan as planner
 
-    with pytest.warns(DeprecationWarning, match="plan.Job was renamed nemo_automodel.plan.TrainingJob"):
+    with pytest.warns(DeprecationWarning, match="plan.Job is deprecated: use nemo_automodel.plan.TrainingJob"):
         assert planner.Job is TrainingJob
-    with pytest.warns(DeprecationWarning, match="export.Job was renamed nemo_automodel.export.GenerationJob"):
+    with pytest.warns(DeprecationWarning, match="export.Job is deprecated: use nemo_automodel.export.GenerationJob"):
         assert export.Job is export.GenerationJob
     with pytest.raises(AttributeError):
         planner.NoSuchName  # noqa: B018
