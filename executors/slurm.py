@@ -51,10 +51,10 @@ def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1
     """
     for field, value in (("nodes", nodes), ("ntasks_per_node", ntasks_per_node), ("gpus_per_node", gpus_per_node)):
         check_int(field, value, allow_none=True)
-    for field, value in (("account", account), ("partition", partition), ("qos", qos), ("mem", mem),
-                         ("job_name_prefix", job_name_prefix)):
-        if value is not None and not _PLAIN.match(str(value)):
-            raise bad_value(field, value, "use letters, digits and . _ , + - only")
+    for field, option in (("account", account), ("partition", partition), ("qos", qos), ("mem", mem),
+                          ("job_name_prefix", job_name_prefix)):
+        if option is not None and not _PLAIN.match(str(option)):
+            raise bad_value(field, option, "use letters, digits and . _ , + - only")
     for key, value in (additional_parameters or {}).items():
         if "\n" in f"{key}{value}":
             raise bad_value(f"additional_parameters[{key!r}]", value, "no newlines")

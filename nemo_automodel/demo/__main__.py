@@ -14,7 +14,7 @@ import time
 import warnings
 
 from nemo_automodel.demo import assets
-from nemo_automodel.demo.chat import generate_chat
+from nemo_automodel.demo.chat import GeneratingModel, generate_chat
 from nemo_automodel.launch.guard import guard, run_graph
 
 
@@ -27,11 +27,12 @@ def _show(title: str, pairs: list[tuple[str, str]], answers: list[str]) -> None:
 def _answers(model_dir, adapter_dir=None) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model: GeneratingModel = base
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = PeftModel.from_pretrained(base, adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
     return generate_chat(model, tokenizer, [p for p, _ in assets.demo_eval_pairs()])
 

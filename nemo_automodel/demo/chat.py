@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, Protocol
+
 import torch
 
 
+class GeneratingModel(Protocol):
+    """A transformers model that generates (``GenerationMixin``), or a peft wrapper of one."""
+
+    def eval(self) -> Any: ...
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def generate(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
 @torch.no_grad()
-def generate_chat(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+def generate_chat(model: GeneratingModel, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
     """Answer each user prompt greedily through the tokenizer's chat template."""
     model.eval()
     answers = []

@@ -37,7 +37,7 @@ def digit_image(pixels: np.ndarray, size: int = IMAGE_SIZE) -> Any:
     """An 8x8 digit as a ``size`` px RGB PIL image (dark ink on white, nearest-neighbour upscaling)."""
     from PIL import Image
 
-    return Image.fromarray(255 - pixels, mode="L").resize((size, size), Image.NEAREST).convert("RGB")
+    return Image.fromarray(255 - pixels, mode="L").resize((size, size), Image.Resampling.NEAREST).convert("RGB")
 
 
 def digit_chat(label: int) -> list[dict[str, Any]]:

@@ -141,7 +141,8 @@ def _idefics3() -> tuple[Any, Any]:
     tok = _tokenizer(specials, bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<|finetune_right_pad_id|>",
                      chat_template=template)
     image_size, patch, scale = 32, 4, 2
-    config = Idefics3Config(
+    # transformers' @strict config signatures omit the **kwargs that PreTrainedConfig stores (pad_token_id)
+    config = Idefics3Config(  # type: ignore[call-arg]
         text_config=dict(model_type="llama", **TEXT, **_text_ids(tok)),
         vision_config=dict(**VISION, image_size=image_size, patch_size=patch),
         scale_factor=scale, image_token_id=_ids(tok, "<image>")[0], pad_token_id=tok.pad_token_id)
@@ -163,7 +164,7 @@ def _llava() -> tuple[Any, Any]:
                      chat_template=template)
     image_size, patch = 32, 8
     tokens = (image_size // patch) ** 2
-    config = LlavaConfig(
+    config = LlavaConfig(  # type: ignore[call-arg]  # pad_token_id: as for Idefics3Config above
         text_config=dict(model_type="llama", **TEXT, **_text_ids(tok)),
         vision_config=dict(model_type="clip_vision_model", **VISION, image_size=image_size, patch_size=patch,
                            projection_dim=64),

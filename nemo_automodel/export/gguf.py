@@ -124,7 +124,7 @@ def _add_hparams(writer: Any, src: Source, n_vocab: int, outtype: str, name: str
     import gguf
 
     cfg = src.config
-    theta, kind, factor = _rope(cfg)
+    theta, _, factor = _rope(cfg)
     head_dim = _head_dim(cfg)
     writer.add_name(name)
     writer.add_context_length(_context_length(cfg))
@@ -138,7 +138,7 @@ def _add_hparams(writer: Any, src: Source, n_vocab: int, outtype: str, name: str
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(theta)
-    if kind == "linear":
+    if factor is not None:  # linear scaling, the only kind with a factor (transformers requires it there)
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(factor))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -160,13 +160,13 @@ def _pre_tokenizer(spec: dict | None) -> str:
 
     steps = (spec or {}).get("pretokenizers", [spec]) if (spec or {}).get("type") == "Sequence" else [spec]
     kinds = [(s or {}).get("type") for s in steps]
-    last = steps[-1] or {}
+    first, last = steps[0] or {}, steps[-1] or {}
     if kinds == ["ByteLevel"] and last.get("use_regex", True):
         return "gpt-2"  # GPT-2's own split regex
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
+    if kinds == ["Digits", "ByteLevel"] and first.get("individual_digits") and last.get("use_regex", True):
         return "smollm"  # single digits, then GPT-2's regex
     if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
+        regex = (first.get("pattern") or {}).get("Regex")
         for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():  # first name per regex: llama3, qwen2, tekken, ...
             if split == regex:
                 return name

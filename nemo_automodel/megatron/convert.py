@@ -11,7 +11,8 @@ LoRA adapters convert the same way: A is shared by the fused outputs, B splits l
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -91,7 +92,7 @@ def megatron_to_hf(mg: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
 
 
 # -- tensor parallelism ------------------------------------------------------------------------
-def split_dim(name: str) -> int | str | None:
+def split_dim(name: str) -> int | Literal["gated"] | None:
     """How TP splits the Megatron tensor ``name`` (also LoRA ``lora_B``/``lora_A`` of those layers)."""
     if ".lora_" in name:
         layer, which = name.split(".lora_")[0], name.split(".lora_")[1][0]
@@ -145,8 +146,12 @@ def megatron_lora_to_hf(lora: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
     """
     out = {}
     for name, tensor in lora.items():
-        layer, inner, which = _LORA_KEY.fullmatch(name).groups()
+        match = _LORA_KEY.fullmatch(name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a Megatron LoRA tensor (decoder.layers.<i>.<layer>.lora_<A|B>.weight)")
+        layer, inner, which = match.groups()
         targets = LORA_HF_NAMES[inner]
+        parts: Sequence[torch.Tensor]
         if which == "A" or len(targets) == 1:
             parts = [tensor.clone() for _ in targets]  # shared A: one copy per HF layer
         elif inner.endswith("linear_qkv"):

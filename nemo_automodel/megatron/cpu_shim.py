@@ -26,14 +26,17 @@ _APPLIED = False
 
 @contextlib.contextmanager
 def _cuda_calls_on_cpu():
-    saved = torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.manual_seed
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    torch.cuda.manual_seed = torch.manual_seed
+    # set by name: current_device returns a device string ("cpu"), which megatron passes on as a device
+    patch = {"current_device": lambda: "cpu", "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+             "manual_seed": torch.manual_seed}
+    saved = {name: getattr(torch.cuda, name) for name in patch}
+    for name, fn in patch.items():
+        setattr(torch.cuda, name, fn)
     try:
         yield
     finally:
-        torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.manual_seed = saved
+        for name, fn in saved.items():
+            setattr(torch.cuda, name, fn)
 
 
 def _on_cpu(fn):

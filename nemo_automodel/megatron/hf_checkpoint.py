@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from nemo_automodel.models.hf_save import INDEX_FILE
+
+if TYPE_CHECKING:
+    from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
 
@@ -35,7 +39,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
                 self._files = {name: folder / SINGLE_FILE for name in f.keys()}  # noqa: SIM118 (not a mapping)
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, safe_open] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path = self._files[name]  # KeyError for a name the checkpoint lacks, like a dict

@@ -20,6 +20,7 @@ import functools
 import math
 import re
 import zlib
+from typing import cast
 
 import torch
 
@@ -81,7 +82,7 @@ class LoRAParallelLinear(torch.nn.Module):
                                             input_is_parallel=True, skip_bias_add=True)
             self.lora_B = torch.nn.Linear(r, base.output_size, bias=False)
         else:
-            self.lora_A = torch.nn.Linear(base.input_size, r, bias=False)
+            self.lora_A = torch.nn.Linear(cast(int, base.input_size), r, bias=False)  # a Megatron parallel linear
             self.lora_B = ColumnParallelLinear(r, base.output_size, config=cfg, init_method=torch.nn.init.zeros_,
                                                bias=False, gather_output=False)
             kaiming(self.lora_A.weight)
@@ -121,8 +122,9 @@ def apply_megatron_lora(model: torch.nn.Module, peft) -> torch.nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRAParallelLinear(getattr(parent, child), name, r, scaling, dropout))
-    model.peft_config = {"default": LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                                               bias="none", use_rslora=rslora)}
+    # torch types Module.__setattr__ values as Tensor | Module; a dict is stored like any attribute
+    model.peft_config = {"default": LoraConfig(  # type: ignore[assignment]
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none", use_rslora=rslora)}
     return model
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -116,6 +116,8 @@ class MegatronGPTModel:
 
     def _hf_tensors(self) -> Mapping[str, torch.Tensor]:
         """The HF checkpoint's tensors by name: read lazily from safetensors, else via transformers."""
+        if self.model_id is None:  # __init__ turns load_pretrained_weights off without a model_id
+            raise ConfigError("MegatronGPTModel(load_pretrained_weights=True) needs model_id=<HF id or folder>")
         try:
             folder = checkpoint_folder(self.model_id, self.revision)
         except Exception as err:  # noqa: BLE001 (hub/network errors: transformers reports them better)
@@ -145,14 +147,18 @@ class MegatronGPTModel:
         return self.model
 
     # -- sharding units (contracts.TrainableModel) -------------------------------------------
-    def _loaded(self) -> torch.nn.Module:
-        if self.model is None:
+    def _built(self) -> tuple[torch.nn.Module, GPTConfig]:
+        """The model and the config it was built from (``configure_model`` sets both)."""
+        if self.model is None or self.config is None:
             raise ConfigError("MegatronGPTModel: configure_model() first (the model is not built)")
-        return self.model
+        return self.model, self.config
+
+    def _loaded(self) -> torch.nn.Module:
+        return self._built()[0]
 
     def repeated_blocks(self) -> list[torch.nn.Module]:
-        """GPTModel's transformer layers (``decoder.layers``)."""
-        return list(unwrap(self._loaded()).decoder.layers)
+        """GPTModel's transformer layers (``decoder.layers``, a ModuleList)."""
+        return list(cast(torch.nn.ModuleList, unwrap(self._loaded()).get_submodule("decoder.layers")))
 
     def tensor_parallel_plan(self) -> TensorParallelPlan:
         """None to apply: Megatron-Core's parallel layers split themselves under ``MegatronStrategy``."""
@@ -193,7 +199,7 @@ class MegatronGPTModel:
         """Every Megatron parameter (or only the LoRA ones), gathered over the tensor-parallel group,
         by its Megatron name (adapted layers' ``.base_layer`` dropped); the same on every TP rank."""
         out = {}
-        for name, param in unwrap(module or self.model).named_parameters():
+        for name, param in unwrap(module or self._loaded()).named_parameters():
             name = name.replace(".base_layer", "")
             if lora_only and ".lora_" not in name:
                 continue
@@ -209,11 +215,13 @@ class MegatronGPTModel:
         state = self.full_state_dict(module, lora_only=peft)  # an adapter export gathers no frozen base weight
         target = Path(out) / ("hf_adapter" if peft else "model")
         if strategy.rank == 0:
+            model, config = self._built()
             target.mkdir(parents=True, exist_ok=True)
-            if peft:
-                write_peft_adapter(target, state, self.config, self.model.peft_config["default"], self.model_id)
+            if peft:  # apply_megatron_lora set the model's peft_config
+                lora = cast("dict[str, Any]", model.peft_config)["default"]
+                write_peft_adapter(target, state, config, lora, self.model_id)
             else:
-                write_hf_model(target, state, self.config)
+                write_hf_model(target, state, config)
             if self.tokenizer_id is not None:
                 self.tokenizer.save_pretrained(target)
         strategy.barrier()

@@ -121,18 +121,18 @@ class MegatronStrategy(ProcessGroupStrategy):
         """Clip by the global norm: TP-split parameters count once per shard, replicated ones once."""
         from megatron.core import parallel_state
 
-        params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+        grads = [(p, g) for p in module.parameters() if p.requires_grad and (g := p.grad) is not None]
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in params:
+        for p, g in grads:
             if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                sq += p.grad.detach().double().pow(2).sum()
+                sq += g.detach().double().pow(2).sum()
         if self.tensor_model_parallel_size > 1:
             dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
         norm = sq.sqrt()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
+        for _, g in grads:
+            g.mul_(coef.to(g.dtype))
         return norm
 
     def checkpoint_shard(self) -> tuple[str, object]:

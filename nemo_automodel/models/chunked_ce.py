@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     """Summed masked CE of ``hidden @ weight.T + bias``; gradients are computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, mask, chunk, dtype, need_grad):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, labels, mask, chunk, dtype, need_grad):
         need_h, need_w = need_grad and hidden.requires_grad, need_grad and weight.requires_grad
         need_b = need_grad and bias is not None and bias.requires_grad
         w = weight.to(dtype)
@@ -74,7 +75,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         g_h, g_w, g_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         # in place: these buffers are used once, and copies of a [V, H] gradient cost memory
@@ -122,9 +123,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     raise ValueError(f"impl={impl!r}: use one of {IMPLS}")
 
 
+def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model.get_output_embeddings()`` (a peft wrapper forwards it); None when the model has no such method."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
+
+
 def lean_head_unsupported(model: torch.nn.Module) -> str | None:
     """Why the fused head cannot stand in for ``model``'s logits (None when it can)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_layer(model)
     if type(head) is not torch.nn.Linear:
         return f"the output layer is {type(head).__name__}, not a plain nn.Linear (e.g. a LoRA target)"
     cfg = getattr(model, "config", None)
@@ -141,7 +148,7 @@ def fused_lm_head_loss(model: torch.nn.Module, labels: torch.Tensor, loss_mask: 
                        chunk_size: int | None = None, impl: str = "torch") -> Iterator[dict[str, torch.Tensor]]:
     """For forward calls inside the block, ``model``'s output layer returns empty logits
     ``[..., 0]`` and stores the summed masked CE in the yielded dict under ``"loss"``."""
-    head = model.get_output_embeddings()
+    head = cast(torch.nn.Linear, output_layer(model))  # callers check lean_head_unsupported(model) first
     out: dict[str, torch.Tensor] = {}
 
     def forward(h: torch.Tensor) -> torch.Tensor:
@@ -150,7 +157,7 @@ def fused_lm_head_loss(model: torch.nn.Module, labels: torch.Tensor, loss_mask: 
                                            chunk_size, impl)
         return h.new_zeros(*h.shape[:-1], 0)
 
-    head.forward = forward
+    vars(head)["forward"] = forward  # an instance attribute shadows Linear.forward until the block ends
     try:
         yield out
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from nemo_automodel.models.quantization import (
     resolve_quantization,
 )
 from nemo_automodel.models.tokenizer import TokenizerAdapter, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +111,21 @@ class HFAutoModelForCausalLM(HFShardingUnits):
         ``bf16-true``) overrides ``torch_dtype`` for the loaded weights."""
         if self.model is None:
             self.dtype = dtype or self.dtype
-            self.model = self._load().to(device)
-            self.model.config.use_cache = False
+            # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to): typeshed reads it unbound
+            model: PreTrainedModel = self._load().to(device)  # type: ignore[arg-type]
+            self.model = model
+            model.config.use_cache = False
             if self.activation_checkpointing:
-                enable_activation_checkpointing(self.model)
-            self._loss_impl = self._pick_loss_impl(torch.device(device))
+                enable_activation_checkpointing(model)
+            self._loss_impl = self._pick_loss_impl(model, torch.device(device))
         return self.model
 
-    def _pick_loss_impl(self, device: torch.device) -> str | None:
+    def _pick_loss_impl(self, model: PreTrainedModel, device: torch.device) -> str | None:
         """Apply liger-kernel on CUDA and choose how the loss is computed (see the class docstring)."""
         chunked = self.chunked_loss
         if self.use_liger_kernel:
             if device.type == "cuda":
-                return apply_liger_kernel(self.model)
+                return apply_liger_kernel(model)
             log.warning("use_liger_kernel=True needs CUDA (Triton kernels do not run on %s): "
                         "using the chunked torch loss instead", device.type)
             chunked = chunked or "torch"
@@ -128,14 +134,16 @@ class HFAutoModelForCausalLM(HFShardingUnits):
         if chunked == "cce" and not _importable("cut_cross_entropy"):
             raise ConfigError("chunked_loss='cce' needs cut-cross-entropy: pip install cut-cross-entropy "
                               "(or use chunked_loss=True for the pure-torch chunked loss)")
-        return chunked or None
+        return chunked if isinstance(chunked, str) else None  # True/"auto" became a name above
 
-    def _load(self) -> torch.nn.Module:
+    def _load(self) -> PreTrainedModel:
         model = load_hf_model("causal_lm", self.model_id, load_pretrained_weights=self.load_pretrained_weights,
                               dtype=self.dtype, attn_implementation=self.attn_implementation,
                               trust_remote_code=self.trust_remote_code, revision=self.revision,
                               **load_kwargs(self.quantization))
-        return after_load(model) if self.quantization else model
+        if self.quantization:
+            after_load(model)  # in place
+        return model
 
     def check(self, peft, strategy) -> None:
         """Refuse, in one line before any weights load, what this model cannot train: a vision-language
@@ -173,7 +181,7 @@ class HFAutoModelForCausalLM(HFShardingUnits):
     # -- saving --------------------------------------------------------------------------
     def save_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
         """Write ``out/model`` (HF safetensors + config + tokenizer) or ``out/hf_adapter`` (PEFT)."""
-        return save_hf(out, hf_model=self.model, tokenizer=self.tokenizer, peft=self.is_peft, module=module,
+        return save_hf(out, hf_model=self._loaded(), tokenizer=self.tokenizer, peft=self.is_peft, module=module,
                        strategy=strategy)
 
 

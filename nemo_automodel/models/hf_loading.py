@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from nemo_automodel.errors import ConfigError, bad_value, first_line
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def load_config(model_id: Any, trust_remote_code: bool = False, revision: str | 
                           "offline runs need a local folder or a cached model)") from err
 
 
-def loadable_as(config: Any) -> set[str]:
+def loadable_as(config: Any) -> set[Kind]:
     """The kinds transformers can load this config as (Gemma3, Mllama, Llama4, Qwen3.5 are both)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -81,32 +85,32 @@ def loadable_as(config: Any) -> set[str]:
     )
 
     model_type = getattr(config, "model_type", None)
-    return {kind for kind, names in (("causal_lm", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-                                     ("image_text_to_text", MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
-            if model_type in names}
+    mappings: tuple[tuple[Kind, Any], ...] = (("causal_lm", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                                              ("image_text_to_text", MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
+    return {kind for kind, names in mappings if model_type in names}
 
 
-def auto_model_class(kind: Kind) -> type:
+def auto_model_class(kind: Kind) -> type[_BaseAutoModelClass]:
     """transformers' ``AutoModelFor<kind>`` class."""
     import transformers
 
     return getattr(transformers, _AUTO_CLASS[kind])
 
 
-def kind_with_modules(config: Any, module_names: list[str]) -> tuple[Kind, torch.nn.Module]:
+def kind_with_modules(config: Any, module_names: list[str]) -> tuple[Kind, PreTrainedModel]:
     """The kind whose model, built from ``config`` on the meta device (no weights), has every module in
     ``module_names`` (an adapter's layers), with that model: a VLM config is tried as a VLM first (Mllama's
     text-only class names its layers differently); else the first kind tried, for the caller to report."""
-    kinds = sorted(loadable_as(config), reverse=True) or ["causal_lm"]  # image_text_to_text first
-    first = None
+    kinds: list[Kind] = sorted(loadable_as(config), reverse=True) or ["causal_lm"]  # image_text_to_text first
+    tried: list[tuple[Kind, PreTrainedModel]] = []
     for kind in kinds:
         with torch.device("meta"):
             model = auto_model_class(kind).from_config(config)
         names = {name for name, _ in model.named_modules()}
         if all(name in names for name in module_names):
             return kind, model
-        first = first or (kind, model)
-    return first
+        tried.append((kind, model))
+    return tried[0]
 
 
 def check_kind(config: Any, model_id: str, kind: Kind) -> None:
@@ -124,7 +128,7 @@ def check_kind(config: Any, model_id: str, kind: Kind) -> None:
 
 def load_hf_model(kind: Kind, model_id: str, *, load_pretrained_weights: bool, dtype: torch.dtype,
                   attn_implementation: str, trust_remote_code: bool = False, revision: str | None = None,
-                  **extra: Any) -> torch.nn.Module:
+                  **extra: Any) -> PreTrainedModel:
     """Load (or randomly initialise from the config) with ``AutoModelFor<kind>``, trying the asked-for
     attention kernel first and then sdpa and eager. ``extra`` goes to ``from_pretrained`` (quantization)."""
     import transformers

@@ -15,8 +15,13 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 INDEX_FILE = "model.safetensors.index.json"
@@ -79,11 +84,12 @@ def _finish(target: Path, hf_model: torch.nn.Module, tokenizer, peft: bool) -> N
         files[0].rename(target / ("adapter_model.safetensors" if peft else "model.safetensors"))
         (target / INDEX_FILE).unlink(missing_ok=True)
     if peft:
-        config = copy.deepcopy(hf_model.peft_config["default"])
+        config = copy.deepcopy(cast("PeftModel", hf_model).peft_config["default"])
         config.inference_mode = True
         config.save_pretrained(str(target))
     else:
-        hf_model.config.save_pretrained(target)
-        if getattr(hf_model, "generation_config", None) is not None:
-            hf_model.generation_config.save_pretrained(target)
+        cast("PreTrainedModel", hf_model).config.save_pretrained(target)
+        generation = getattr(hf_model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(target)
     tokenizer.save_pretrained(target)

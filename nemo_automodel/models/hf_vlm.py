@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.layers import enable_activation_checkpointing
 from nemo_automodel.models.loss import masked_cross_entropy
 from nemo_automodel.models.processor import has_chat_template, load_processor
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 # where transformers' VLM families keep their vision encoder (Qwen2-VL: visual; LLaVA, Gemma3: vision_tower;
 # Idefics3, SmolVLM, Mllama: vision_model)
@@ -39,7 +42,8 @@ def vision_towers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def language_model_prefix(model: torch.nn.Module) -> str:
     """The qualified name of the text decoder (``get_decoder()``), which LoRA targets resolve on."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
     for name, module in model.named_modules():
         if decoder is not None and module is decoder and name:
             return name
@@ -82,7 +86,7 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
         self.freeze_vision_tower, self.activation_checkpointing = freeze_vision_tower, activation_checkpointing
         self.model: torch.nn.Module | None = None
         self.is_peft = False
-        self._processor = None
+        self._processor: ProcessorMixin | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -109,13 +113,15 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
             model = load_hf_model("image_text_to_text", self.model_id, load_pretrained_weights=self.load_pretrained_weights,
                                   dtype=self.dtype, attn_implementation=self.attn_implementation,
                                   trust_remote_code=self.trust_remote_code, revision=self.revision)
-            self.model = model.to(device)
-            self.model.config.use_cache = False
+            # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to): typeshed reads it unbound
+            model = model.to(device)  # type: ignore[arg-type]
+            self.model = model
+            model.config.use_cache = False
             if self.freeze_vision_tower:
-                for tower in vision_towers(self.model).values():
+                for tower in vision_towers(model).values():
                     tower.requires_grad_(False)
             if self.activation_checkpointing:
-                enable_activation_checkpointing(self.model)
+                enable_activation_checkpointing(model)
         return self.model
 
     def lora_scope(self) -> list[str]:
@@ -142,5 +148,5 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
 
     def save_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
         """Write ``out/model`` (safetensors + config + processor) or ``out/hf_adapter`` (PEFT + processor)."""
-        return save_hf(out, hf_model=self.model, tokenizer=self.tokenizer, peft=self.is_peft, module=module,
+        return save_hf(out, hf_model=self._loaded(), tokenizer=self.tokenizer, peft=self.is_peft, module=module,
                        strategy=strategy)

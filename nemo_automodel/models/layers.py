@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from nemo_automodel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -22,7 +27,7 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> int:
+def enable_activation_checkpointing(model: PreTrainedModel) -> int:
     """Recompute each decoder layer's activations in backward (non-reentrant); returns the layer count.
 
     Uses transformers' own switch, so module names (peft targets, checkpoints) are unchanged and it

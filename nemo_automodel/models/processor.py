@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from nemo_automodel.errors import ConfigError, first_line
 from nemo_automodel.models.tokenizer import ensure_pad_token
@@ -30,15 +30,14 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, revision:
     path = Path(name_or_path).expanduser()
     if (path.is_absolute() or name_or_path.startswith((".", "~"))) and not path.is_dir():
         raise ConfigError(f"processor {name_or_path!r} could not be loaded: no such folder")
-    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as err:  # transformers raises OSError, ValueError, AttributeError, ImportError, ...
-        cls = _video_processor_class(name_or_path, **kwargs)
+        cls = _video_processor_class(name_or_path, trust_remote_code, revision)
         if cls is None:
             raise ConfigError(f"processor {name_or_path!r} could not be loaded: {_cause(err)}") from err
         try:
-            processor = _load_without_video(cls, name_or_path, **kwargs)
+            processor = _load_without_video(cls, name_or_path, trust_remote_code, revision)
         except Exception as err2:
             raise ConfigError(f"processor {name_or_path!r} could not be loaded without its video processor "
                               f"(torchvision is not installed): {_cause(err2)}") from err2
@@ -60,7 +59,8 @@ def _cause(err: BaseException) -> str:
     return first_line(err).split(" If you were trying to load it from")[0]
 
 
-def _video_processor_class(name_or_path: str, trust_remote_code: bool, revision: str | None) -> type | None:
+def _video_processor_class(name_or_path: str, trust_remote_code: bool,
+                           revision: str | None) -> type[ProcessorMixin] | None:
     """The library processor class of the model when it declares a video processor and torchvision
     is missing (the case the fallback covers); None otherwise."""
     from transformers import AutoConfig
@@ -69,15 +69,17 @@ def _video_processor_class(name_or_path: str, trust_remote_code: bool, revision:
 
     if is_torchvision_available():
         return None
+    cls: type[ProcessorMixin] | None
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-        cls = PROCESSOR_MAPPING[type(config)]
+        # a processor class: transformers types the lazy mapping's values as the tokenizer mapping's pairs
+        cls = cast("type[ProcessorMixin]", PROCESSOR_MAPPING[type(config)])
     except Exception:  # no model config (a saved adapter folder): the library class the processor saved
         cls = _saved_processor_class(name_or_path, revision)
     return cls if cls is not None and VIDEO in cls.get_attributes() else None
 
 
-def _saved_processor_class(name_or_path: str, revision: str | None) -> type | None:
+def _saved_processor_class(name_or_path: str, revision: str | None) -> type[ProcessorMixin] | None:
     """The transformers class named by ``processor_class`` in the folder's processor config, or None."""
     import transformers
     from transformers import ProcessorMixin
@@ -99,9 +101,11 @@ def _load_without_video(cls: type[ProcessorMixin], name_or_path: str, trust_remo
     kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
     saved, _ = cls.get_processor_dict(name_or_path, revision=revision)
     accepted = set(inspect.signature(cls.__init__).parameters) - set(cls.get_attributes())
-    return without_video(cls)(image_processor=AutoImageProcessor.from_pretrained(name_or_path, **kwargs),
-                              tokenizer=AutoTokenizer.from_pretrained(name_or_path, **kwargs),
-                              **{k: v for k, v in saved.items() if k in accepted})
+    # a class is hashable: typeshed checks ProcessorMixin's instance __hash__ against Hashable here
+    no_video = without_video(cls)  # type: ignore[arg-type]
+    return no_video(image_processor=AutoImageProcessor.from_pretrained(name_or_path, **kwargs),
+                    tokenizer=AutoTokenizer.from_pretrained(name_or_path, **kwargs),
+                    **{k: v for k, v in saved.items() if k in accepted})
 
 
 @functools.cache
@@ -127,7 +131,9 @@ def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
         kwargs.update(zip([n for n in names if n != VIDEO], args))
         cls.__init__(self, **{VIDEO: None}, **kwargs)
 
-    __init__.__signature__ = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != VIDEO])
+    # typeshed's function type has no __signature__; inspect.signature reads it
+    __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for n, p in signature.parameters.items() if n != VIDEO])
     # SmolVLM's apply_chat_template reads num_frames/fps from its video processor.
     return type(cls.__name__, (cls, _DropVideo), {"__init__": __init__, "__module__": __name__,
                                                   "__qualname__": cls.__name__,

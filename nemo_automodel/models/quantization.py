@@ -102,7 +102,8 @@ def after_load(model: torch.nn.Module) -> torch.nn.Module:
     before and after an eval forward). It is a CPU-only path; CUDA is unaffected.
     """
     for layer in linear4bit_layers(model):
-        layer.support_avx512bf16_for_cpu = False
+        # torch types Module.__setattr__ values as Tensor | Module; a flag is stored like any attribute
+        layer.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     return model
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nemo_automodel.errors import ConfigError, first_line
 
@@ -42,7 +42,7 @@ class TokenizerAdapter:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def ids_to_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))  # one sequence: one string
 
     @property
     def eos_id(self) -> int | None:

@@ -59,9 +59,10 @@ class LoRA:
         from peft import LoraConfig, get_peft_model
 
         names = resolve_target_modules(module, self.target_modules, self.exclude_modules, within)
-        config = LoraConfig(r=self.dim, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=names, bias="none", task_type="CAUSAL_LM", use_dora=self.use_dora,
-                            use_rslora=self.use_rslora)
+        # peft annotates lora_alpha as int; a float alpha scales the same (alpha / r)
+        config = LoraConfig(r=self.dim, lora_alpha=self.alpha,  # type: ignore[arg-type]
+                            lora_dropout=self.dropout, target_modules=names, bias="none", task_type="CAUSAL_LM",
+                            use_dora=self.use_dora, use_rslora=self.use_rslora)
         return get_peft_model(module, config)
 
 
@@ -90,7 +91,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"adapter_dir={str(adapter_dir)!r} has no adapter_config.json: pass a hf_adapter/ folder")
-    base = base_model or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     kind, _ = kind_with_modules(load_config(base), adapter_modules(adapter_dir))
     model = auto_model_class(kind).from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
