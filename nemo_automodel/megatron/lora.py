@@ -24,6 +24,7 @@ from typing import cast
 
 import torch
 
+from nemo_automodel.contracts import PeftMethod
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.megatron.convert import LORA_HF_NAMES
 from nemo_automodel.peft.targets import pattern_matcher, summarize
@@ -106,7 +107,7 @@ def _kaiming_uniform(weight: torch.Tensor, generator: torch.Generator) -> torch.
         return weight.copy_(torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
 
 
-def apply_megatron_lora(model: torch.nn.Module, peft) -> torch.nn.Module:
+def apply_megatron_lora(model: torch.nn.Module, peft: PeftMethod) -> torch.nn.Module:
     """Freeze ``model`` and wrap the layers ``peft`` (a ``contracts.PeftMethod``) selects in
     `LoRAParallelLinear`; returns the same model."""
     from peft import LoraConfig
@@ -122,13 +123,15 @@ def apply_megatron_lora(model: torch.nn.Module, peft) -> torch.nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRAParallelLinear(getattr(parent, child), name, r, scaling, dropout))
+    # peft annotates lora_alpha as int; a float alpha scales the same (alpha / r)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]
+                        target_modules=names, bias="none", use_rslora=rslora)
     # torch types Module.__setattr__ values as Tensor | Module; a dict is stored like any attribute
-    model.peft_config = {"default": LoraConfig(  # type: ignore[assignment]
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none", use_rslora=rslora)}
+    model.peft_config = {"default": config}  # type: ignore[assignment]
     return model
 
 
-def refuse_dora(peft) -> None:
+def refuse_dora(peft: PeftMethod) -> None:
     """DoRA has no Megatron implementation here: one line, before anything loads."""
     if getattr(peft, "use_dora", False):
         raise ConfigError("use_dora=True (DoRA) is not implemented on the Megatron-Core path: train it on the "

@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from nemo_automodel.contracts import TensorParallelPlan
+from nemo_automodel.contracts import PeftMethod, Strategy, TensorParallelPlan
 from nemo_automodel.errors import ConfigError, bad_value, first_line
 from nemo_automodel.megatron import convert
 from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
@@ -132,13 +132,13 @@ class MegatronGPTModel:
                                                   trust_remote_code=self.trust_remote_code)
         return hf.state_dict()
 
-    def check(self, peft, strategy) -> None:
+    def check(self, peft: PeftMethod | None, strategy: Strategy) -> None:
         """Refuse DoRA before loading; the Megatron path has no quantized base (``to_megatron`` refuses
         one) and trains LoRA or all weights on its own strategy."""
         if peft is not None:
             refuse_dora(peft)
 
-    def apply_peft(self, peft) -> torch.nn.Module:
+    def apply_peft(self, peft: PeftMethod) -> torch.nn.Module:
         """LoRA on Megatron's fused parallel linears, selected by the same ``target_modules`` as on HF."""
         if self.model is None:
             raise ConfigError("MegatronGPTModel.apply_peft needs configure_model() first")
@@ -209,7 +209,7 @@ class MegatronGPTModel:
             out[name] = local.cpu()
         return out
 
-    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
+    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:
         """Write ``out/model`` (HF safetensors) or ``out/hf_adapter`` (PEFT) from a Megatron model."""
         peft = self.is_peft
         state = self.full_state_dict(module, lora_only=peft)  # an adapter export gathers no frozen base weight

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nemo_automodel.contracts import PeftMethod, Strategy
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.chunked_ce import fused_lm_head_loss, lean_head_unsupported
 from nemo_automodel.models.hf_loading import check_kind, load_config, load_hf_model, resolve_dtype
@@ -145,13 +146,13 @@ class HFAutoModelForCausalLM(HFShardingUnits):
             after_load(model)  # in place
         return model
 
-    def check(self, peft, strategy) -> None:
+    def check(self, peft: PeftMethod | None, strategy: Strategy) -> None:
         """Refuse, in one line before any weights load, what this model cannot train: a vision-language
         checkpoint (config.json is read), a 4-bit base without ``peft`` or sharded by FSDP2."""
         check_trainable(self.quantization, peft, strategy.name)
         check_kind(load_config(self.model_id, self.trust_remote_code, self.revision), self.model_id, "causal_lm")
 
-    def apply_peft(self, peft) -> torch.nn.Module:
+    def apply_peft(self, peft: PeftMethod) -> torch.nn.Module:
         """Add ``peft``'s adapters (a ``contracts.PeftMethod``) to the loaded model; returns it."""
         model = self.configure_model()
         self.model = peft.apply(prepare_for_training(model) if self.quantization else model)
@@ -179,7 +180,7 @@ class HFAutoModelForCausalLM(HFShardingUnits):
         return masked_cross_entropy(self.forward(module, batch), batch["labels"], batch["loss_mask"])
 
     # -- saving --------------------------------------------------------------------------
-    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
+    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:
         """Write ``out/model`` (HF safetensors + config + tokenizer) or ``out/hf_adapter`` (PEFT)."""
         return save_hf(out, hf_model=self._loaded(), tokenizer=self.tokenizer, peft=self.is_peft, module=module,
                        strategy=strategy)

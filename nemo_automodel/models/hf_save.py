@@ -15,9 +15,11 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+from nemo_automodel.contracts import Strategy
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -27,8 +29,8 @@ MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def save_hf(out: Path, *, hf_model: torch.nn.Module, tokenizer, peft: bool, module: torch.nn.Module,
-            strategy) -> Path:
+def save_hf(out: Path, *, hf_model: torch.nn.Module, tokenizer: Any, peft: bool, module: torch.nn.Module,
+            strategy: Strategy) -> Path:
     """Write ``out/model`` (full SFT) or ``out/hf_adapter`` (LoRA) from every rank; returns the folder.
 
     ``hf_model`` is the (peft-wrapped) HF model, ``module`` what the strategy wrapped around it.

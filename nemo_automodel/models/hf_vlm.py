@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nemo_automodel.contracts import PeftMethod, Strategy
 from nemo_automodel.errors import ConfigError, bad_value
 from nemo_automodel.models.hf_loading import check_kind, load_config, load_hf_model, resolve_dtype
 from nemo_automodel.models.hf_parallel import HFShardingUnits
@@ -98,7 +99,7 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
 
     processor = tokenizer
 
-    def check(self, peft, strategy) -> None:
+    def check(self, peft: PeftMethod | None, strategy: Strategy) -> None:
         """Refuse, before any weights load, a text-only checkpoint and a processor without a chat template."""
         check_kind(load_config(self.model_id, self.trust_remote_code, self.revision), self.model_id,
                    "image_text_to_text")
@@ -129,7 +130,7 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
         model = self.configure_model()
         return [language_model_prefix(model), *([] if self.freeze_vision_tower else vision_towers(model))]
 
-    def apply_peft(self, peft) -> torch.nn.Module:
+    def apply_peft(self, peft: PeftMethod) -> torch.nn.Module:
         """Add ``peft``'s adapters on the language model (see ``lora_scope``); returns the adapted module."""
         scope = self.lora_scope()
         self.model = peft.apply(self.configure_model(), within=scope)
@@ -146,7 +147,7 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
         """Summed masked cross-entropy of a micro-batch; the trainer divides by the step's token count."""
         return masked_cross_entropy(self.forward(module, batch), batch["labels"], batch["loss_mask"])
 
-    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy) -> Path:
+    def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:
         """Write ``out/model`` (safetensors + config + processor) or ``out/hf_adapter`` (PEFT + processor)."""
         return save_hf(out, hf_model=self._loaded(), tokenizer=self.tokenizer, peft=self.is_peft, module=module,
                        strategy=strategy)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nemo_automodel.contracts import PeftMethod
 from nemo_automodel.errors import ConfigError, bad_value
 
 INSTALL = "pip install '.[qlora]'"
@@ -129,7 +130,7 @@ def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
     return after_load(model)
 
 
-def check_trainable(quantization: dict[str, Any] | None, peft: Any, strategy: str) -> None:
+def check_trainable(quantization: dict[str, Any] | None, peft: PeftMethod | None, strategy: str) -> None:
     """Refuse, in one line and before anything loads, what a 4-bit base cannot train (``strategy``: its name)."""
     if quantization is None:
         return
