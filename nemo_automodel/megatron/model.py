@@ -190,6 +190,10 @@ class MegatronGPTModel:
         per_token = module(*self._inputs(batch), labels=batch["labels"])
         return (per_token.float() * batch["loss_mask"].to(torch.float32)).sum()
 
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """None: the loss is the cross-entropy alone."""
+        return {}
+
     def logits(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-vocabulary logits ``[B, T, V]`` (gathered over tensor-parallel ranks; no gradient)."""
         return torch.cat(_tp_parts(module(*self._inputs(batch)).detach()), dim=-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,7 +13,7 @@ from nemo_automodel.contracts import PeftMethod, Strategy
 from nemo_automodel.errors import ConfigError, bad_value, check_int
 from nemo_automodel.models.chunked_ce import fused_lm_head_loss, lean_head_unsupported
 from nemo_automodel.models.hf_loading import check_kind, load_config, load_hf_model, resolve_dtype
-from nemo_automodel.models.hf_parallel import HFShardingUnits
+from nemo_automodel.models.hf_parallel import HFShardingUnits, hf_model
 from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.layers import enable_activation_checkpointing
 from nemo_automodel.models.loss import masked_cross_entropy
@@ -24,6 +24,7 @@ from nemo_automodel.models.quantization import (
     prepare_for_training,
     resolve_quantization,
 )
+from nemo_automodel.models.router_aux import router_aux_coef, router_aux_loss
 from nemo_automodel.models.tokenizer import TokenizerAdapter, load_tokenizer
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ class HFAutoModelForCausalLM(HFShardingUnits):
             ``"fp4"`` or a dict of ``BitsAndBytesConfig`` 4-bit arguments; compute dtype bf16 unless
             the dict sets ``bnb_4bit_compute_dtype``. Needs a PEFT method (LoRA), pretrained weights,
             one device or DDP. See ``models/quantization.py``.
+        router_aux_loss_coef: mixture-of-experts families: the weight of the router load-balancing loss added
+            to ours (``models/router_aux.py``); None takes the config's ``router_aux_loss_coef``, 0 switches it
+            off. Logged as ``router_aux_loss`` (without the coefficient). Refused for a model without a router.
     """
 
     def __init__(self, model_id: str | os.PathLike | None = None, load_pretrained_weights: bool = True,
@@ -64,7 +68,8 @@ class HFAutoModelForCausalLM(HFShardingUnits):
                  attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                  revision: str | None = None, model_name: str | None = None, use_liger_kernel: bool = False,
                  chunked_loss: bool | str = False, loss_chunk_size: int | None = None,
-                 activation_checkpointing: bool = False, quantization: str | dict | None = None) -> None:
+                 activation_checkpointing: bool = False, quantization: str | dict | None = None,
+                 router_aux_loss_coef: float | None = None) -> None:
         model_id = model_id or model_name
         if isinstance(model_id, os.PathLike):
             model_id = str(model_id)
@@ -92,6 +97,9 @@ class HFAutoModelForCausalLM(HFShardingUnits):
         self.is_peft = False
         self._tokenizer = None
         self._loss_impl: str | None = None  # None: plain logits + masked_cross_entropy
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self._aux_coef = 0.0  # decided from the config in configure_model
+        self._terms: dict[str, torch.Tensor] = {}
 
     # -- loading -------------------------------------------------------------------------
     @staticmethod
@@ -119,6 +127,7 @@ class HFAutoModelForCausalLM(HFShardingUnits):
             if self.activation_checkpointing:
                 enable_activation_checkpointing(model)
             self._loss_impl = self._pick_loss_impl(model, torch.device(device))
+            self._aux_coef = router_aux_coef(model.config, self.router_aux_loss_coef)
         return self.model
 
     def _pick_loss_impl(self, model: PreTrainedModel, device: torch.device) -> str | None:
@@ -163,21 +172,40 @@ class HFAutoModelForCausalLM(HFShardingUnits):
     @staticmethod
     def forward(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for a batch (no KV cache, so packed position ids keep samples apart)."""
-        return module(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
+        return HFAutoModelForCausalLM._outputs(module, batch).logits
+
+    @staticmethod
+    def _outputs(module: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        return module(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False, **kwargs)
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed masked cross-entropy of a micro-batch; the trainer divides by the step's token count."""
+        """Summed masked cross-entropy of a micro-batch (plus, in training, the router load-balancing term of a
+        mixture-of-experts model, ``models/router_aux.py``); the trainer divides by the step's token count."""
+        with_router = bool(self._aux_coef) and module.training
+        extra = {"output_router_logits": True} if with_router else {}
         impl = self._loss_impl
-        if impl is not None and self.model is not None:
-            why = lean_head_unsupported(self.model)
-            if why is None:
-                with fused_lm_head_loss(self.model, batch["labels"], batch["loss_mask"], self.loss_chunk_size,
-                                        impl) as out:
-                    self.forward(module, batch)
-                return out["loss"]
+        if impl is not None and self.model is not None and (why := lean_head_unsupported(self.model)) is not None:
             log.warning("chunked loss disabled: %s; computing full logits", why)
-            self._loss_impl = None
-        return masked_cross_entropy(self.forward(module, batch), batch["labels"], batch["loss_mask"])
+            self._loss_impl = impl = None
+        if impl is not None:
+            with fused_lm_head_loss(self._loaded(), batch["labels"], batch["loss_mask"], self.loss_chunk_size,
+                                    impl) as out:
+                outputs = self._outputs(module, batch, **extra)
+            loss = out["loss"]
+        else:
+            outputs = self._outputs(module, batch, **extra)
+            loss = masked_cross_entropy(outputs.logits, batch["labels"], batch["loss_mask"])
+        if not with_router:
+            return loss
+        aux = router_aux_loss(hf_model(self._loaded()), outputs.router_logits, batch) * batch["loss_mask"].sum()
+        self._terms["router_aux_loss"] = self._terms.get("router_aux_loss", 0) + aux.detach().double()
+        return loss + self._aux_coef * aux
+
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """``{"router_aux_loss": ...}`` summed since the last call like the loss (per loss token), without its
+        coefficient; {} for a dense model. The call clears them."""
+        terms, self._terms = self._terms, {}
+        return terms
 
     # -- saving --------------------------------------------------------------------------
     def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:

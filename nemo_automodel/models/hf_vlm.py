@@ -147,6 +147,10 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
         """Summed masked cross-entropy of a micro-batch; the trainer divides by the step's token count."""
         return masked_cross_entropy(self.forward(module, batch), batch["labels"], batch["loss_mask"])
 
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """None: the loss is the cross-entropy alone."""
+        return {}
+
     def save_hf(self, out: Path, *, module: torch.nn.Module, strategy: Strategy) -> Path:
         """Write ``out/model`` (safetensors + config + processor) or ``out/hf_adapter`` (PEFT + processor)."""
         return save_hf(out, hf_model=self._loaded(), tokenizer=self.tokenizer, peft=self.is_peft, module=module,

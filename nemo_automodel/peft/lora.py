@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,7 +10,7 @@ import torch
 from pydantic import Field
 
 from nemo_automodel.errors import ConfigError, validated
-from nemo_automodel.peft.targets import resolve_target_modules
+from nemo_automodel.peft.targets import describe_targets, resolve_targets, summarize
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -58,10 +59,17 @@ class LoRA:
         """
         from peft import LoraConfig, get_peft_model
 
-        names = resolve_target_modules(module, self.target_modules, self.exclude_modules, within)
+        chosen = resolve_targets(module, self.target_modules, self.exclude_modules, within)
+        if chosen.parameters and self.use_dora:
+            raise ConfigError(f"use_dora=True: peft has no DoRA for fused expert weights ({summarize(chosen.parameters)}"
+                              "); use LoRA, or exclude_modules=['experts']")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\n".join([f"LoRA r={self.dim} on {type(module).__name__}:",
+                              *(f"  {line}" for line in describe_targets(module, chosen, within))]), flush=True)
         # peft annotates lora_alpha as int; a float alpha scales the same (alpha / r)
         config = LoraConfig(r=self.dim, lora_alpha=self.alpha,  # type: ignore[arg-type]
-                            lora_dropout=self.dropout, target_modules=names, bias="none", task_type="CAUSAL_LM",
+                            lora_dropout=self.dropout, target_modules=chosen.modules or None,
+                            target_parameters=chosen.parameters or None, bias="none", task_type="CAUSAL_LM",
                             use_dora=self.use_dora, use_rslora=self.use_rslora)
         return get_peft_model(module, config)
 

@@ -1,4 +1,6 @@
-"""Resolve LoRA target patterns to the fully qualified linear layers of a loaded model.
+"""Resolve LoRA target patterns to what LoRA can adapt in a loaded model: its linear layers, and the fused
+expert weights of mixture-of-experts families (3-D ``nn.Parameter``s such as ``mlp.experts.gate_up_proj``
+[experts, out, in] in transformers 5), which peft adapts through ``target_parameters``.
 
 A pattern is one of:
 - a Megatron-style alias (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``),
@@ -6,6 +8,11 @@ A pattern is one of:
 - a wildcard (``*_proj``, ``model.layers.0.*``): ``*`` matches anything, ``.`` is literal;
 - a regex (contains ``^$[]()+?|{}\\``), matched against the full name;
 - a plain name (``q_proj``): the full name or its dotted suffix.
+
+A fused expert weight matches by its own full name (``*_proj`` reaches ``...experts.gate_up_proj``) or by the
+module holding it (``experts``). Layers peft refuses in a family (a Mamba mixer's ``out_proj``/``conv1d``)
+are left out of a pattern that also reaches others, with one warning line; a pattern that reaches only
+those is refused in one line.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +33,7 @@ MEGATRON_ALIASES = {
     "linear_qkv": r".*\.(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|Wqkv|W_pack)",
     "linear_proj": r".*(attn|attention)[^.]*\.(o_proj|c_proj|out_proj|dense)",
     "linear_fc1": r".*\.(gate_proj|up_proj|gate_up_proj|c_fc|fc1|dense_h_to_4h|w1|w3)",
-    "linear_fc2": r".*(mlp|feed_forward|ffn)[^.]*\.(down_proj|c_proj|fc2|dense_4h_to_h|w2)",
+    "linear_fc2": r".*(mlp|feed_forward|ffn|experts)[^.]*\.(down_proj|c_proj|fc2|dense_4h_to_h|w2)",
 }
 _REGEX_CHARS = set("^$[]()+?|{}\\")
 
@@ -39,7 +47,15 @@ def candidate_names(model: torch.nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if name and _is_adaptable(mod)]
 
 
-def pattern_matcher(pattern: str):
+def candidate_parameters(model: torch.nn.Module) -> list[str]:
+    """Full names of the fused expert weights: 3-D parameters held directly by a model's own module (not by a
+    torch layer such as a Mamba mixer's ``Conv1d``)."""
+    return [f"{name}.{pname}" for name, mod in model.named_modules()
+            if name and not _is_adaptable(mod) and not type(mod).__module__.startswith("torch.")
+            for pname, param in mod.named_parameters(recurse=False) if param.dim() == 3]
+
+
+def pattern_matcher(pattern: str) -> Callable[[str], bool]:
     """Return ``match(full_name) -> bool`` for one pattern."""
     if pattern in MEGATRON_ALIASES:
         rx = re.compile(MEGATRON_ALIASES[pattern])
@@ -52,6 +68,25 @@ def pattern_matcher(pattern: str):
     return lambda name: name == pattern or name.endswith("." + pattern)
 
 
+def _matches_parameter(match: Callable[[str], bool], name: str) -> bool:
+    return match(name) or match(name.rpartition(".")[0])
+
+
+def peft_refuses(model: torch.nn.Module, name: str) -> str | None:
+    """Why peft refuses LoRA on layer ``name`` of ``model`` (None when it does not), asked of peft's own check
+    (today: a Mamba mixer's ``out_proj``/``conv1d`` in the Mamba families)."""
+    try:  # a private peft check, pinned with peft; without it nothing is pre-refused and peft raises itself
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:
+        return None
+    try:
+        _check_lora_target_modules_mamba(LoraConfig(), model, name.rpartition(".")[2])
+    except ValueError:
+        return f"peft cannot adapt {name.rpartition('.')[2]} in {getattr(model.config, 'model_type', '?')} models"
+    return None
+
+
 def summarize(names: Iterable[str], limit: int = 12) -> str:
     """Collapse layer indices (``layers.3.`` -> ``layers.*.``) so candidate lists stay short."""
     shapes = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
@@ -59,30 +94,109 @@ def summarize(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(shapes[:limit]) + more
 
 
-def resolve_target_modules(model: torch.nn.Module, target_modules: Iterable[str],
-                           exclude_modules: Iterable[str] = (), within: Iterable[str] | None = None) -> list[str]:
-    """Full names of the layers selected by ``target_modules`` minus ``exclude_modules``, among the layers
-    under the module prefixes ``within`` (all layers when None: a VLM passes its language model).
+def _candidates(model: torch.nn.Module, within: Iterable[str] | None) -> tuple[list[str], list[str]]:
+    """(layers, fused expert weights) of ``model`` under the module prefixes ``within`` (all when None)."""
+    layers, weights = candidate_names(model), candidate_parameters(model)
+    if within is None:
+        return layers, weights
+    scope = tuple(within)
 
-    Raises ConfigError (listing the candidates) when nothing is selected; a single pattern that
-    matches nothing while others do only warns, so one list serves several architectures.
+    def inside(names: list[str]) -> list[str]:
+        return [n for n in names if any(n == p or n.startswith(p + ".") for p in scope)]
+
+    return inside(layers), inside(weights)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a set of patterns selects: layers (peft ``target_modules``) and fused expert weights (peft
+    ``target_parameters``), by full name."""
+
+    modules: list[str]
+    parameters: list[str]
+
+
+def resolve_targets(model: torch.nn.Module, target_modules: Iterable[str], exclude_modules: Iterable[str] = (),
+                    within: Iterable[str] | None = None) -> Targets:
+    """The layers and fused expert weights selected by ``target_modules`` minus ``exclude_modules``, among
+    those under the module prefixes ``within`` (all when None: a VLM passes its language model).
+
+    Raises ConfigError (listing the candidates) when nothing is selected, or when a pattern reaches only
+    layers peft refuses in this family; a single pattern that matches nothing while others do only warns,
+    so one list serves several architectures.
     """
-    names = candidate_names(model)
-    if within is not None:
-        scope = tuple(within)
-        names = [n for n in names if any(n == p or n.startswith(p + ".") for p in scope)]
+    layers, weights = _candidates(model, within)
     targets, excludes = list(target_modules), list(exclude_modules)
-    selected: dict[str, None] = {}
+    family = type(model).__name__
+    modules: dict[str, None] = {}
+    parameters: dict[str, None] = {}
     for pattern in targets:
-        hits = [n for n in names if pattern_matcher(pattern)(n)]
-        if not hits:
-            log.warning("LoRA target %r matches no layer of %s", pattern, type(model).__name__)
-        selected.update(dict.fromkeys(hits))
+        match = pattern_matcher(pattern)
+        hits = [n for n in layers if match(n)]
+        refused = {n: why for n in hits if (why := peft_refuses(model, n))}
+        params = [n for n in weights if _matches_parameter(match, n)]
+        if refused and len(refused) == len(hits) and not params:
+            raise ConfigError(f"LoRA target {pattern!r} reaches only {summarize(refused)} of {family}, and "
+                              f"{next(iter(refused.values()))}: target other layers (e.g. in_proj)")
+        if refused:
+            log.warning("LoRA target %r leaves out %s of %s: %s", pattern, summarize(refused), family,
+                        next(iter(refused.values())))
+        if not hits and not params:
+            log.warning("LoRA target %r matches no layer of %s", pattern, family)
+        modules.update(dict.fromkeys(n for n in hits if n not in refused))
+        parameters.update(dict.fromkeys(params))
     for pattern in excludes:
         match = pattern_matcher(pattern)
-        selected = {n: None for n in selected if not match(n)}
-    if not selected:
-        where = "" if within is None else f" under {', '.join(scope)}"
+        modules = {n: None for n in modules if not match(n)}
+        parameters = {n: None for n in parameters if not _matches_parameter(match, n)}
+    if not modules and not parameters:
+        where = "" if within is None else f" under {', '.join(within)}"
         raise ConfigError(f"LoRA target_modules={targets} (exclude_modules={excludes}) match no layer of "
-                          f"{type(model).__name__}{where}; candidates: {summarize(names)}")
-    return list(selected)
+                          f"{family}{where}; candidates: {summarize(layers + weights)}")
+    return Targets(list(modules), list(parameters))
+
+
+def resolve_target_modules(model: torch.nn.Module, target_modules: Iterable[str],
+                           exclude_modules: Iterable[str] = (), within: Iterable[str] | None = None) -> list[str]:
+    """The layers (``Targets.modules``) that ``resolve_targets`` selects."""
+    return resolve_targets(model, target_modules, exclude_modules, within).modules
+
+
+KINDS = ("attention", "MLP", "shared experts", "experts", "SSM", "other")
+
+
+def kind_of(model: torch.nn.Module, name: str) -> str:
+    """What a selected layer or fused weight belongs to, from the class of the module holding it: attention,
+    MLP, shared experts, experts (fused weights), SSM (a Mamba mixer) or other."""
+    holder = model.get_submodule(name.rpartition(".")[0])
+    owner = type(holder).__name__.lower()
+    if holder is model or hasattr(holder, "get_output_embeddings"):  # the output layer, not a block's
+        return "other"
+    if "mamba" in owner or "mixer" in owner and "attention" not in owner:
+        return "SSM"
+    if "attention" in owner or "attn" in owner:
+        return "attention"
+    if "shared_expert" in name:
+        return "shared experts"
+    if "experts" in owner or "expert" in name:
+        return "experts"
+    if "mlp" in owner or "feedforward" in owner or "ffn" in owner:
+        return "MLP"
+    return "other"
+
+
+def describe_targets(model: torch.nn.Module, chosen: Targets, within: Iterable[str] | None = None) -> list[str]:
+    """One line per kind of the model's adaptable layers and fused weights: how many of them are adapted, and
+    which (``attention: 8 of 8 layers (q_proj, k_proj, v_proj, o_proj)``), so a user sees at once what trains."""
+    layers, weights = _candidates(model, within)
+    picked = set(chosen.modules) | set(chosen.parameters)
+    lines = []
+    for kind in KINDS:
+        for what, names in (("layers", layers), ("fused weights", weights)):
+            of_kind = [n for n in names if kind_of(model, n) == kind]
+            if not of_kind or kind == "other" and not picked.intersection(of_kind):
+                continue
+            adapted = [n for n in of_kind if n in picked]
+            leaves = ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in adapted))
+            lines.append(f"{kind}: {len(adapted)} of {len(of_kind)} {what}" + (f" ({leaves})" if leaves else ""))
+    return lines

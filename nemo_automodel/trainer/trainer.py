@@ -233,13 +233,13 @@ class Trainer:
             for step in range(start + 1, max_steps + 1):
                 self.global_step = step
                 micro = [next(batches) for _ in range(accum)]
-                loss, n_tokens, n_seen = self._train_step(model, module, optimizer, scheduler, micro)
+                loss, n_tokens, n_seen, terms = self._train_step(model, module, optimizer, scheduler, micro)
                 tokens += n_seen
                 bar.update(1)
                 if step % self.log_every_n_steps == 0 or step == max_steps:
                     rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                    step_metrics = {"train_loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_sec": rate,
-                                    "loss_tokens": n_tokens}
+                    step_metrics = {"train_loss": loss, **terms, "lr": scheduler.get_last_lr()[0],
+                                    "tokens_per_sec": rate, "loss_tokens": n_tokens}
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
                     metrics.log(step, step_metrics)
                     tokens, t0 = 0, time.perf_counter()
@@ -270,8 +270,9 @@ class Trainer:
         return run_dir
 
     def _train_step(self, model: TrainableModel, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, micro: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
-        """One optimizer step over the micro-batches; the loss is token-weighted over the whole step."""
+                    scheduler: Any, micro: list[dict[str, torch.Tensor]]) -> tuple[float, int, int, dict[str, float]]:
+        """One optimizer step over the micro-batches; the loss (and each of the model's ``loss_terms``) is
+        token-weighted over the whole step."""
         device = self.strategy.device
         micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
         # counted on whole micro-batches: every rank of a replica (tp, cp) reads the same ones
@@ -281,6 +282,7 @@ class Trainer:
             raise ConfigError("a training step has no loss tokens (every label is masked): check loss_mask/formatting")
         seen = sum(int(b["num_tokens"].sum()) if "num_tokens" in b else b["input_ids"].numel() for b in micro)
         scale = self.strategy.grad_reduce_size / n_tokens  # DDP/FSDP average gradients over the ranks they reduce
+        model.loss_terms()  # what an earlier caller (validation) left
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro):
             # DDP: all-reduce gradients only on the last micro-batch (no_sync before it); context parallel:
@@ -295,10 +297,14 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        total = self.strategy.sum_sequence_shards(total)
-        sums = self.strategy.all_reduce(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64,
-                                                                         device=device)]))
-        return sums[0].item() / n_tokens, int(n_tokens), int(sums[1].item())
+        terms = model.loss_terms()
+        names = sorted(terms)
+        parts = [self.strategy.sum_sequence_shards(x.to(device, torch.float64).reshape(()))
+                 for x in (total, *(terms[n] for n in names))]
+        sums = self.strategy.all_reduce(torch.stack([*parts, torch.tensor(float(seen), dtype=torch.float64,
+                                                                          device=device)]))
+        return (sums[0].item() / n_tokens, int(n_tokens), int(sums[-1].item()),
+                {n: sums[1 + i].item() / n_tokens for i, n in enumerate(names)})
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

@@ -1,0 +1,154 @@
+"""LoRA on the model families of 2025-26: the fused expert weights of mixture-of-experts models (3-D parameters,
+adapted through peft's ``target_parameters``) and Mamba/hybrid models (the mixer's ``in_proj``: peft refuses
+its ``out_proj``), with one line per kind of what is adapted."""
+
+from __future__ import annotations
+
+import logging
+
+import fiddle as fdl
+import pytest
+import torch
+
+from nemo_automodel import lightning as nl
+from nemo_automodel import llm
+from nemo_automodel.errors import ConfigError
+from nemo_automodel.peft import LoRA
+from recipes.hf_auto_model_for_causal_lm import LORA_TARGETS
+from tests.conftest import TINY_FAMILIES
+from tests.helpers import chat_dataset, metrics, train_losses
+
+EXPERTS = "experts: 4 of 4 fused weights (gate_up_proj, down_proj)"
+ATTENTION = "attention: {} of {} layers (q_proj, k_proj, v_proj, o_proj)"
+
+
+def _model(arch: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(TINY_FAMILIES[arch](128))
+
+
+@pytest.mark.parametrize(("arch", "kinds"), [
+    ("qwen3_moe", {ATTENTION.format(8, 8), EXPERTS}),
+    ("mixtral", {ATTENTION.format(8, 8), EXPERTS}),
+    ("mamba2", {"SSM: 2 of 4 layers (in_proj)"}),
+    ("nemotron_h", {ATTENTION.format(4, 4), "MLP: 2 of 2 layers (up_proj, down_proj)", "SSM: 2 of 4 layers (in_proj)"}),
+])
+def test_the_recipes_default_targets_adapt_every_kind_the_family_has(arch, kinds, capsys, caplog):
+    """The recipe's ``["*_proj", "linear_qkv"]`` runs on every family with no edit; the printed lines say what
+    trains, and the gradient reaches every adapter that starts at zero output (lora_B)."""
+    with caplog.at_level(logging.WARNING, logger="nemo_automodel.peft.targets"):
+        model = LoRA(target_modules=LORA_TARGETS, dim=4).apply(_model(arch))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"LoRA r=4 on {type(model.get_base_model()).__name__}:"
+    assert {line.strip() for line in out[1:]} == kinds
+    if arch in ("mamba2", "nemotron_h"):  # *_proj also reaches the mixer's out_proj, which peft refuses
+        assert f"leaves out {'backbone' if arch == 'mamba2' else 'model'}.layers.*.mixer.out_proj" in caplog.text
+        assert f"peft cannot adapt out_proj in {arch} models" in caplog.text
+    ids = torch.randint(0, 128, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b.values()), \
+        [n for n, p in lora_b.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert any(".experts." in n for n in lora_b) == ("experts" in str(kinds))
+
+
+def test_a_target_peft_refuses_or_that_matches_nothing_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        LoRA(target_modules=["out_proj"]).apply(_model("mamba2"))
+    assert "\n" not in str(err.value)
+    assert "LoRA target 'out_proj' reaches only backbone.layers.*.mixer.out_proj of Mamba2ForCausalLM, and peft " \
+           "cannot adapt out_proj in mamba2 models" in str(err.value)
+    with pytest.raises(ConfigError, match=r"target_modules=\['experts'\] .* match no layer of NemotronHForCausalLM"):
+        LoRA(target_modules=["experts"]).apply(_model("nemotron_h"))
+    with pytest.raises(ConfigError, match="peft has no DoRA for fused expert weights"):
+        LoRA(target_modules=["experts"], use_dora=True).apply(_model("qwen3_moe"))
+
+
+def test_experts_alone_and_excluded():
+    """``experts`` names the fused weights by their module; ``exclude_modules=["experts"]`` leaves them out."""
+    only = LoRA(target_modules=["experts"], dim=4).apply(_model("qwen3_moe"))
+    trained = {n.split(".lora_")[0] for n, p in only.named_parameters() if p.requires_grad}
+    assert trained and all(".mlp.experts" in n for n in trained)
+    without = LoRA(target_modules=["*_proj"], exclude_modules=["experts"], dim=4).apply(_model("qwen3_moe"))
+    assert not any(".experts" in n for n, p in without.named_parameters() if p.requires_grad)
+
+
+def test_expert_lora_trains_and_the_merged_export_equals_adapter_on_base(tiny_model_factory, tmp_path):
+    """A LoRA run on a tiny Qwen3-MoE: the loss falls, the saved adapter holds the experts' LoRA tensors, and the
+    merged export's logits equal the adapter applied to the base (peft) within fp32 rounding."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from nemo_automodel.export import export
+
+    base = tiny_model_factory("qwen3_moe")
+    run_dir = llm.api.finetune(
+        model=llm.HFAutoModelForCausalLM(str(base)),
+        peft=LoRA(target_modules=LORA_TARGETS, dim=8, alpha=16),
+        data=llm.HFDatasetDataModule(chat_dataset(), formatting="chat", seq_length=64, micro_batch_size=4),
+        optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=3e-3)),
+        trainer=nl.Trainer(max_steps=12, log_every_n_steps=1, enable_progress_bar=False, accelerator="cpu"),
+        log=nl.NeMoLogger(log_dir=str(tmp_path), name="moe", tensorboard=False))
+    losses = train_losses(run_dir)
+    assert losses[-1] < 0.98 * losses[0] and losses[-1] == min(losses), losses  # a random 49k-vocab model: slow
+    aux = [r["router_aux_loss"] for r in metrics(run_dir) if "train_loss" in r]  # logged beside the loss
+    assert len(aux) == len(losses) and all(0 < a <= 4 for a in aux), aux  # top-2 of 4 experts: 2 when balanced, <= E
+    adapter = run_dir / "checkpoints" / "last" / "hf_adapter"
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+        expert_b = [f.get_tensor(k) for k in f.keys() if ".experts." in k and "lora_B" in k]  # noqa: SIM118
+    assert len(expert_b) == 4 and all(t.abs().sum() > 0 for t in expert_b)  # 2 layers x gate_up, down: trained
+    with pytest.raises(ConfigError, match=r"target_parameters=.*: LoRA on fused expert weights, which vLLM's LoRA "
+                                          r"serving does not load; export mode='merged'"):
+        export(run_dir / "checkpoints" / "last", tmp_path / "adapter", mode="adapter")
+    merged_dir = export(run_dir / "checkpoints" / "last", tmp_path / "merged", mode="merged")
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                            adapter).eval()(input_ids=ids).logits
+    assert torch.allclose(merged, on_base, atol=1e-5, rtol=1e-5), (merged - on_base).abs().max()
+
+
+def _chat_batch(tokenizer, rows: int = 2) -> dict[str, torch.Tensor]:
+    from nemo_automodel.data.collate import collate
+
+    texts = [tokenizer(t)["input_ids"] for t in ("The router sends each token to two experts.",
+                                                    "Mixture of experts, top-2 routing, four experts in all.")][:rows]
+    return collate([{"input_ids": ids[:-1], "labels": ids[1:], "loss_mask": [1.0] * (len(ids) - 1)} for ids in texts],
+                   pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_router_aux_loss_equals_transformers_and_reaches_the_router(arch, tiny_model_factory, tokenizer):
+    """Our loss for one micro-batch, divided by its loss tokens, is transformers' own ``loss`` with
+    ``output_router_logits`` (cross-entropy + router_aux_loss_coef x load-balancing loss, padding masked);
+    the term's gradient reaches the router; ``router_aux_loss_coef=0`` removes it."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_factory(arch)
+    batch = _chat_batch(tokenizer)
+    mask = (torch.arange(batch["input_ids"].shape[1]) < batch["num_tokens"][:, None]).long()
+    labels = torch.where(batch["loss_mask"] > 0, batch["labels"], -100)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    assert hf.config.router_aux_loss_coef > 0
+    theirs = hf(input_ids=batch["input_ids"], attention_mask=mask, output_router_logits=True)
+    ce = torch.nn.functional.cross_entropy(theirs.logits.flatten(0, 1), labels.flatten(), reduction="mean")
+    expected = ce + hf.config.router_aux_loss_coef * theirs.aux_loss
+    for coef in (None, 0.0):
+        model = llm.HFAutoModelForCausalLM(str(path), router_aux_loss_coef=coef)
+        module = model.configure_model().train()
+        ours = model.loss(module, batch) / batch["loss_mask"].sum()
+        terms = model.loss_terms()
+        if coef == 0.0:
+            assert terms == {} and torch.allclose(ours, ce, rtol=1e-5), (ours, ce)
+            continue
+        assert torch.allclose(ours, expected, rtol=1e-5), (ours, expected)
+        assert torch.allclose(terms["router_aux_loss"] / batch["loss_mask"].sum(), theirs.aux_loss.double(), rtol=1e-5)
+        ours.backward()
+        router = [p for n, p in module.named_parameters() if n.endswith("mlp.gate.weight")]
+        assert router and all(p.grad is not None and p.grad.abs().sum() > 0 for p in router)
+    with pytest.raises(ConfigError, match=r"router_aux_loss_coef=0.01 is invalid: LlamaConfig has no router"):
+        llm.HFAutoModelForCausalLM(str(tiny_model_factory("llama")), router_aux_loss_coef=0.01).configure_model()
