@@ -100,6 +100,7 @@ class HFAutoModelForCausalLM(HFShardingUnits):
         self.router_aux_loss_coef = router_aux_loss_coef
         self._aux_coef = 0.0  # decided from the config in configure_model
         self._terms: dict[str, torch.Tensor] = {}
+        self._state_space = False  # the model has SSM (Mamba) layers: packed rows would share their state
 
     # -- loading -------------------------------------------------------------------------
     @staticmethod
@@ -128,6 +129,7 @@ class HFAutoModelForCausalLM(HFShardingUnits):
                 enable_activation_checkpointing(model)
             self._loss_impl = self._pick_loss_impl(model, torch.device(device))
             self._aux_coef = router_aux_coef(model.config, self.router_aux_loss_coef)
+            self._state_space = any("mamba" in type(m).__name__.lower() for m in model.modules())
         return self.model
 
     def _pick_loss_impl(self, model: PreTrainedModel, device: torch.device) -> str | None:
@@ -181,6 +183,10 @@ class HFAutoModelForCausalLM(HFShardingUnits):
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed masked cross-entropy of a micro-batch (plus, in training, the router load-balancing term of a
         mixture-of-experts model, ``models/router_aux.py``); the trainer divides by the step's token count."""
+        if self._state_space and "position_ids" in batch and bool((batch["position_ids"][:, 1:] == 0).any()):
+            raise ConfigError(f"{type(hf_model(self._loaded())).__name__} has state-space (Mamba) layers, which "
+                              "carry their state from one packed sample into the next: set the data module's "
+                              "packed_sequence_size=0")
         with_router = bool(self._aux_coef) and module.training
         extra = {"output_router_logits": True} if with_router else {}
         impl = self._loss_impl

@@ -39,7 +39,9 @@ def router_aux_coef(config: Any, asked: float | None) -> float:
 def router_aux_loss(hf_model: torch.nn.Module, router_logits: tuple[torch.Tensor, ...],
                     batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The family's load-balancing loss of one micro-batch (no coefficient), over its real tokens."""
-    balancing = getattr(sys.modules[type(hf_model).__module__], "load_balancing_loss_func", None)
+    # the family's module: FSDP2 swaps the class for a subclass of its own (FSDPQwen3MoeForCausalLM)
+    balancing = next((f for cls in type(hf_model).__mro__
+                      if (f := getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None))), None)
     if balancing is None:
         raise bad_value("router_aux_loss_coef", "> 0", f"{type(hf_model).__name__} ships no load-balancing loss; "
                         "set router_aux_loss_coef=0")

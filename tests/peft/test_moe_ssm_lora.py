@@ -152,3 +152,16 @@ def test_router_aux_loss_equals_transformers_and_reaches_the_router(arch, tiny_m
         assert router and all(p.grad is not None and p.grad.abs().sum() > 0 for p in router)
     with pytest.raises(ConfigError, match=r"router_aux_loss_coef=0.01 is invalid: LlamaConfig has no router"):
         llm.HFAutoModelForCausalLM(str(tiny_model_factory("llama")), router_aux_loss_coef=0.01).configure_model()
+
+
+def test_packed_rows_on_a_state_space_model_are_refused_in_one_line(tiny_model_factory, tmp_path):
+    """Mamba layers ignore position ids: a packed row would carry the scan state from one sample into the next."""
+    with pytest.raises(ConfigError, match="Mamba2ForCausalLM has state-space .* set the data module's "
+                                          "packed_sequence_size=0"):
+        llm.api.finetune(
+            model=llm.HFAutoModelForCausalLM(str(tiny_model_factory("mamba2"))),
+            peft=LoRA(target_modules=LORA_TARGETS, dim=4),
+            data=llm.HFDatasetDataModule(chat_dataset(), formatting="chat", seq_length=256, micro_batch_size=1,
+                                         packed_sequence_size=256),
+            trainer=nl.Trainer(max_steps=1, enable_progress_bar=False, accelerator="cpu"),
+            log=nl.NeMoLogger(log_dir=str(tmp_path), name="mamba", tensorboard=False))
