@@ -86,9 +86,31 @@ def lora_exports(lora_run, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def vllm_results(vllm_python, sft_export, lora_exports) -> dict[str, list]:
-    """Every engine test's vLLM answers from one vLLM process (three engines, started once each)."""
+def moe_export(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Qwen3-MoE (4 experts, top-2; head_dim 32: vLLM's CPU attention refuses 16) fine-tuned by us (full
+    SFT, router load-balancing loss on) until it memorized the QA replies, and exported."""
+    import transformers
+
+    def build(out: Path) -> None:
+        cfg = transformers.Qwen3MoeConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, hidden_size=128,
+                                          intermediate_size=256, moe_intermediate_size=128, num_experts=4,
+                                          num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+        run = finetune(out / "base", out, "moe", chat_dataset(), steps=100, lr=3e-3)
+        export(run, out / "moe-merged")
+
+    return shared_build(tmp_path_factory, "export-moe-merged", build) / "moe-merged"
+
+
+@pytest.fixture(scope="session")
+def vllm_results(vllm_python, sft_export, lora_exports, moe_export) -> dict[str, list]:
+    """Every engine test's vLLM answers from one vLLM process (four engines, started once each)."""
     jobs = {
+        "moe_merged": GenerationJob(moe_export, PROMPTS, MAX_TOKENS),
         "sft": GenerationJob(sft_export, PROMPTS, MAX_TOKENS),
         "sft_conversation": GenerationJob(sft_export, [CONVERSATION], MAX_TOKENS),
         "lora": GenerationJob(lora_exports["adapter"], PROMPTS, MAX_TOKENS),

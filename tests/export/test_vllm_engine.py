@@ -63,6 +63,22 @@ def test_merged_full_sft_equals_transformers(vllm_results, sft_export):
     print("\n".join(f"{p!r} -> {c.text!r}" for p, c in zip(PROMPTS, vllm_results["sft"], strict=True)))
 
 
+def test_merged_moe_equals_transformers(vllm_results, moe_export):
+    """A mixture-of-experts model (Qwen3-MoE, fused experts) fine-tuned and exported by us: vLLM's own MoE
+    kernels generate what transformers does."""
+    from safetensors import safe_open
+
+    with safe_open(str(moe_export / "model.safetensors"), framework="pt") as f:
+        assert any(".mlp.experts." in k for k in f.keys())  # noqa: SIM118 (the experts, fused, merged in)
+    tok = AutoTokenizer.from_pretrained(moe_export)
+    model = AutoModelForCausalLM.from_pretrained(moe_export, dtype=torch.float32)
+    vllm_ids = token_ids(vllm_results["moe_merged"])
+    assert_nontrivial(vllm_ids)
+    assert vllm_ids == hf_greedy(model, tok, PROMPTS)
+    trained = dict(QA)
+    assert [c.text.strip() for c in vllm_results["moe_merged"][:4]] == [trained[p] for p in PROMPTS[:4]]
+
+
 def test_chat_template_equals_training_formatting(vllm_results, sft_export, sft_run):
     """vLLM's LLM.chat renders prompts to the same token ids as training's chat formatting."""
     train_tok = AutoTokenizer.from_pretrained(sft_run / "checkpoints" / "last" / "model")
