@@ -8,6 +8,7 @@ data module encodes with and which is saved beside the weights.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from nemo_automodel.models.hf_save import save_hf
 from nemo_automodel.models.layers import enable_activation_checkpointing
 from nemo_automodel.models.loss import masked_cross_entropy
 from nemo_automodel.models.processor import has_chat_template, load_processor
+from nemo_automodel.models.router_aux import has_router
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 # Idefics3, SmolVLM, Mllama: vision_model)
 VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder")
 _NOT_MODEL_INPUTS = ("labels", "loss_mask", "num_tokens", "position_ids")
+
+log = logging.getLogger(__name__)
 
 
 def vision_towers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -123,6 +127,9 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
                     tower.requires_grad_(False)
             if self.activation_checkpointing:
                 enable_activation_checkpointing(model)
+            if has_router(getattr(model.config, "text_config", model.config)):
+                log.warning("%s has a mixture-of-experts router: its load-balancing loss is not added on the "
+                            "vision-language path (the loss is cross-entropy alone)", type(model).__name__)
         return self.model
 
     def lora_scope(self) -> list[str]:

@@ -72,19 +72,21 @@ def _matches_parameter(match: Callable[[str], bool], name: str) -> bool:
     return match(name) or match(name.rpartition(".")[0])
 
 
-def peft_refuses(model: torch.nn.Module, name: str) -> str | None:
-    """Why peft refuses LoRA on layer ``name`` of ``model`` (None when it does not), asked of peft's own check
+def peft_refuses(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Layer name -> why peft refuses LoRA on it in ``model``, asked of peft's own check once per layer name
     (today: a Mamba mixer's ``out_proj``/``conv1d`` in the Mamba families)."""
     try:  # a private peft check, pinned with peft; without it nothing is pre-refused and peft raises itself
         from peft import LoraConfig
         from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
     except ImportError:
-        return None
-    try:
-        _check_lora_target_modules_mamba(LoraConfig(), model, name.rpartition(".")[2])
-    except ValueError:
-        return f"peft cannot adapt {name.rpartition('.')[2]} in {getattr(model.config, 'model_type', '?')} models"
-    return None
+        return {}
+    config, why = LoraConfig(), {}
+    for leaf in dict.fromkeys(n.rpartition(".")[2] for n in names):
+        try:
+            _check_lora_target_modules_mamba(config, model, leaf)
+        except ValueError:
+            why[leaf] = f"peft cannot adapt {leaf} in {getattr(model.config, 'model_type', '?')} models"
+    return {n: why[leaf] for n in names if (leaf := n.rpartition(".")[2]) in why}
 
 
 def summarize(names: Iterable[str], limit: int = 12) -> str:
@@ -128,12 +130,13 @@ def resolve_targets(model: torch.nn.Module, target_modules: Iterable[str], exclu
     layers, weights = _candidates(model, within)
     targets, excludes = list(target_modules), list(exclude_modules)
     family = type(model).__name__
+    refusals = peft_refuses(model, layers)
     modules: dict[str, None] = {}
     parameters: dict[str, None] = {}
     for pattern in targets:
         match = pattern_matcher(pattern)
         hits = [n for n in layers if match(n)]
-        refused = {n: why for n in hits if (why := peft_refuses(model, n))}
+        refused = {n: refusals[n] for n in hits if n in refusals}
         params = [n for n in weights if _matches_parameter(match, n)]
         if refused and len(refused) == len(hits) and not params:
             raise ConfigError(f"LoRA target {pattern!r} reaches only {summarize(refused)} of {family}, and "
