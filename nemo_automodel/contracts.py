@@ -3,8 +3,8 @@
 The trainer, the strategies and checkpointing call only what is written here. Each backend (the HF
 path in ``models/``, Megatron-Core in ``megatron/``) implements these with its own behaviour; no
 caller asks which backend it holds. The implementations conform structurally (they import only the
-value type ``TensorParallelPlan``), ``tests/test_layering.py`` checks them member by member, and mypy
-checks the callers (``make lint``).
+value types ``TensorParallelPlan`` and ``ExpertParallelPlan``), ``tests/test_layering.py`` checks them member
+by member, and mypy checks the callers (``make lint``).
 """
 
 from __future__ import annotations
@@ -48,11 +48,30 @@ class TensorParallelPlan:
     divisible: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExpertParallelPlan:
+    """How a model's routed experts split over an ``ep`` mesh, as the model knows it.
+
+    ``styles``: module or parameter pattern (relative to ``root``, ``*`` one name atom) -> a transformers
+    expert-parallel style (``"ep_dispatch_experts"`` for the experts module, ``"grouped_gemm"`` for its
+    stacked weights); None when the model has none (a dense model). ``num_experts``: the routed experts per
+    layer, which the EP degree must divide. ``model``/``source`` name the model and the plan's origin, for
+    one-line errors.
+    """
+
+    root: torch.nn.Module
+    styles: dict[str, str] | None
+    model: str
+    source: str
+    num_experts: int | None = None
+
+
 class TrainableModel(Protocol):
     """The model a trainer trains: lazy until ``configure_model``, then one module it owns.
 
     It also describes its sharding units to the strategies (``repeated_blocks``, ``tensor_parallel_plan``,
-    ``context_parallel_problem``), read after ``apply_peft``: the generic code never guesses them.
+    ``context_parallel_problem``, ``expert_parallel_plan``), read after ``apply_peft``: the generic code never
+    guesses them.
     """
 
     model: torch.nn.Module | None
@@ -94,6 +113,9 @@ class TrainableModel(Protocol):
 
     def context_parallel_problem(self) -> str | None:
         """None when the loaded module's attention can run context parallel; else what it needs, in words."""
+
+    def expert_parallel_plan(self) -> ExpertParallelPlan:
+        """How the loaded module's routed experts split over expert-parallel ranks."""
 
 
 class Strategy(Protocol):

@@ -41,10 +41,12 @@ def lora(dim: int = 16, alpha: float = 32, target_modules: list[str] | None = No
 
 @run.cli.factory(target=Trainer, target_arg="strategy", name="fsdp2_parallel")
 def fsdp2_parallel(tensor_parallel_size: int = 1, context_parallel_size: int = 1,
-                   data_parallel_size: int | None = None) -> run.Config:
-    """``trainer.strategy="fsdp2_parallel(tensor_parallel_size=8)"``: FSDP2 on a (dp, cp, tp) mesh."""
+                   data_parallel_size: int | None = None, expert_parallel_size: int = 1) -> run.Config:
+    """``trainer.strategy="fsdp2_parallel(tensor_parallel_size=8)"``: FSDP2 on a (dp, cp, tp) mesh, with a
+    mixture-of-experts model's experts split over ``expert_parallel_size`` ranks."""
     return run.Config(FSDP2Strategy, tensor_parallel_size=tensor_parallel_size,
-                      context_parallel_size=context_parallel_size, data_parallel_size=data_parallel_size)
+                      context_parallel_size=context_parallel_size, data_parallel_size=data_parallel_size,
+                      expert_parallel_size=expert_parallel_size)
 
 
 def data(dataset: Any, formatting: str | None = "chat", seq_length: int = 512, micro_batch_size: int = 4,

@@ -26,18 +26,20 @@ def processes(task: run.Partial, executor: run.Executor | None) -> tuple[int, in
 
 
 def mesh_report(task: run.Partial, world: int, per_node: int) -> str:
-    """The device mesh the strategy node asks for (``mesh (dp=2, tp=8) over 16 ranks on 2 nodes x 8: …``)."""
+    """The device mesh the strategy node asks for (``mesh (dp=2, tp=8) over 16 ranks on 2 nodes x 8: …``), and
+    the experts' view of it with expert parallel (``…; experts (efsdp=2, ep=8): ep groups within a node``)."""
     trainer = getattr(task, "trainer", None)
     if trainer is None:
         return "mesh: no trainer node"
     sizes = strategy_sizes(trainer)
     strategy = getattr(trainer, "strategy", None)
+    configured = strategy is not None and not isinstance(strategy, str)
     try:
-        dims = mesh_dims(world, getattr(strategy, "data_parallel_size", None) if strategy is not None
-                         and not isinstance(strategy, str) else None, sizes["context_parallel"], sizes["tensor_parallel"])
+        dims = mesh_dims(world, getattr(strategy, "data_parallel_size", None) if configured else None,
+                         sizes["context_parallel"], sizes["tensor_parallel"])
+        return describe_mesh(dims, per_node, int(getattr(strategy, "expert_parallel_size", 1) if configured else 1))
     except ConfigError as err:
         return f"mesh: not possible ({root_cause(err)})"
-    return describe_mesh(dims, per_node)
 
 
 def plan_report(task: run.Partial, gpus: int | None = None) -> str:

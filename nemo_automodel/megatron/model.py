@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from nemo_automodel.contracts import PeftMethod, Strategy, TensorParallelPlan
+from nemo_automodel.contracts import ExpertParallelPlan, PeftMethod, Strategy, TensorParallelPlan
 from nemo_automodel.errors import ConfigError, bad_value, first_line
 from nemo_automodel.megatron import convert
 from nemo_automodel.megatron.config import GPTConfig, gpt_config_from_hf
@@ -168,6 +168,11 @@ class MegatronGPTModel:
 
     def context_parallel_problem(self) -> str | None:
         return "an HF model: MegatronStrategy trains MegatronGPTModel, and runs no context parallel here"
+
+    def expert_parallel_plan(self) -> ExpertParallelPlan:
+        """None: the Megatron path converts dense GPT models only, which have no routed experts."""
+        return ExpertParallelPlan(root=self._loaded(), styles=None, model="MegatronGPTModel",
+                                  source="the Megatron path converts dense GPT models only (no routed experts)")
 
     # -- training --------------------------------------------------------------------------
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,13 +1,14 @@
 """What a transformers model tells the strategies (``contracts.TrainableModel``): its repeated blocks, its
-tensor-parallel plan and whether its attention can run context parallel, read from the internals transformers
-and peft own (``_no_split_modules``, ``config.base_model_tp_plan``, ``config._attn_implementation``,
-``get_base_model``). The strategies in ``parallel/`` ask; they never read these themselves."""
+tensor- and expert-parallel plans and whether its attention can run context parallel, read from the internals
+transformers and peft own (``_no_split_modules``, ``config.base_model_tp_plan``, ``config.base_model_ep_plan``,
+``config._attn_implementation``, ``get_base_model``). The strategies in ``parallel/`` ask; they never read these
+themselves."""
 
 from __future__ import annotations
 
 import torch
 
-from nemo_automodel.contracts import TensorParallelPlan
+from nemo_automodel.contracts import ExpertParallelPlan, TensorParallelPlan
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.models.layers import decoder_layers
 
@@ -29,6 +30,18 @@ def hf_tensor_parallel_plan(module: torch.nn.Module) -> TensorParallelPlan:
     name = type(hf).__name__
     return TensorParallelPlan(root=getattr(hf, "base_model", hf), styles=getattr(config, "base_model_tp_plan", None),
                               model=name, source=f"{name}'s base_model_tp_plan", divisible=heads)
+
+
+def hf_expert_parallel_plan(module: torch.nn.Module) -> ExpertParallelPlan:
+    """transformers' own expert plan (``config.base_model_ep_plan``, relative to the decoder stack) and the
+    routed experts per layer (``num_experts``; Mixtral and DeepSeek-V3 map their own names onto it)."""
+    hf = hf_model(module)
+    config = getattr(hf, "config", None)
+    name = type(hf).__name__
+    experts = getattr(config, "num_experts", None)
+    return ExpertParallelPlan(root=getattr(hf, "base_model", hf), styles=getattr(config, "base_model_ep_plan", None),
+                              model=name, source=f"{name}'s base_model_ep_plan",
+                              num_experts=experts if isinstance(experts, int) else None)
 
 
 def hf_context_parallel_problem(module: torch.nn.Module) -> str | None:
@@ -58,3 +71,6 @@ class HFShardingUnits:
 
     def context_parallel_problem(self) -> str | None:
         return hf_context_parallel_problem(self._loaded())
+
+    def expert_parallel_plan(self) -> ExpertParallelPlan:
+        return hf_expert_parallel_plan(self._loaded())

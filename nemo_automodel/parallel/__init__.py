@@ -1,5 +1,5 @@
-"""Parallelism on the AutoModel path: strategies (single device, DDP, FSDP2 with TP and CP), the device mesh,
-tensor parallel and context parallel. The model says what to shard (``contracts.TrainableModel``); nothing
+"""Parallelism on the AutoModel path: strategies (single device, DDP, FSDP2 with TP, CP and EP), the device mesh,
+tensor, context and expert parallel. The model says what to shard (``contracts.TrainableModel``); nothing
 here imports ``models/``."""
 
 from nemo_automodel.parallel.strategy import (

@@ -3,7 +3,8 @@ layout over nodes in words (for the launch dryrun). Nothing here touches torch.d
 
 Dims run outermost first, ``("dp", "cp", "tp")``, the order of ``init_device_mesh``'s row-major layout:
 rank = (dp_i * cp + cp_i) * tp + tp_i. So the T ranks of a tp group are consecutive (one node when T
-divides the GPUs per node), a cp group's ranks are T apart, and dp is outermost (across nodes).
+divides the GPUs per node), a cp group's ranks are T apart, and dp is outermost (across nodes). Expert
+parallel lays the routed experts over the same ranks as ``("efsdp", "ep")``: an ep group is E consecutive ranks.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def mesh_dims(world: int, data_parallel_size: int | None = None, context_paralle
 _FIELDS = {"dp": "data_parallel_size", "cp": "context_parallel_size", "tp": "tensor_parallel_size"}
 
 
+def expert_dims(world: int, expert_parallel_size: int, tensor_parallel_size: int = 1) -> dict[str, int]:
+    """The experts' view of the same ranks, ``{"efsdp": world / E, "ep": E}`` (transformers' layout): an ep
+    group is E consecutive ranks that hold distinct experts (whole tp groups, so E must be a multiple of T), and
+    the efsdp ranks hold the same experts, FSDP-sharded. One-line ConfigError when the sizes do not fit."""
+    ep, tp = expert_parallel_size, tensor_parallel_size
+    if world % ep:
+        raise bad_value("expert_parallel_size", ep, f"must divide the number of processes ({world})")
+    if ep % tp:
+        raise bad_value("expert_parallel_size", ep, f"must be a multiple of tensor_parallel_size ({tp}): an "
+                        "expert group holds whole tensor-parallel groups")
+    return {"efsdp": world // ep, "ep": ep}
+
+
 def mesh_shape(dims: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(shape, names) for ``init_device_mesh``: dp always, cp and tp when larger than 1."""
     kept = [k for k in DIM_ORDER if k == "dp" or dims[k] > 1]
@@ -52,8 +66,22 @@ def coordinates(rank: int, dims: dict[str, int]) -> dict[str, int]:
     return {k: out[k] for k in DIM_ORDER}
 
 
-def describe_mesh(dims: dict[str, int], ranks_per_node: int | None = None) -> str:
-    """``"mesh (dp=2, tp=8) over 16 ranks on 2 nodes x 8: tp groups within a node, dp across nodes"``."""
+def describe_mesh(dims: dict[str, int], ranks_per_node: int | None = None, expert_parallel_size: int = 1) -> str:
+    """``"mesh (dp=2, tp=8) over 16 ranks on 2 nodes x 8: tp groups within a node, dp across nodes"``, and
+    with expert parallel the experts' view: ``"; experts (efsdp=2, ep=8): ep groups within a node"``."""
+    text = _describe_dense(dims, ranks_per_node)
+    if expert_parallel_size == 1:
+        return text
+    world = math.prod(dims.values())
+    experts = expert_dims(world, expert_parallel_size, dims["tp"])
+    text += f"; experts (efsdp={experts['efsdp']}, ep={experts['ep']})"
+    if ranks_per_node and world > ranks_per_node:
+        inside = ranks_per_node % expert_parallel_size == 0
+        text += f": ep groups {'within a node' if inside else 'across nodes'}"
+    return text
+
+
+def _describe_dense(dims: dict[str, int], ranks_per_node: int | None) -> str:
     world = math.prod(dims.values())
     shown = ", ".join(f"{k}={dims[k]}" for k in DIM_ORDER if k == "dp" or dims[k] > 1)
     text = f"mesh ({shown}) over {world} ranks"

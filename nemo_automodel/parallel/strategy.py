@@ -10,15 +10,16 @@ torchrun, NeMo-Run's torchrun launcher, or the trainer's own launcher (``Trainer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from nemo_automodel.contracts import Strategy, TrainableModel
+from nemo_automodel.contracts import Strategy, TensorParallelPlan, TrainableModel
 from nemo_automodel.errors import ConfigError, bad_value, check_int
-from nemo_automodel.parallel.mesh import mesh_dims, mesh_shape
+from nemo_automodel.parallel.mesh import expert_dims, mesh_dims, mesh_shape
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -198,17 +199,24 @@ class FSDP2Strategy(ProcessGroupStrategy):
     multiple of 2 * C, load-balanced, unpacked rows and ``attn_implementation="sdpa"`` only). Each cp rank
     then sums the loss of its tokens, so ``grad_reduce_size`` is D * C and ``sum_sequence_shards`` adds the
     parts. Validation runs the same way.
+
+    ``expert_parallel_size`` E > 1 splits a mixture-of-experts model's routed experts over E ranks
+    (``parallel/expert_parallel.py``, transformers' EP): the experts' view of the ranks is ``("efsdp", "ep")``,
+    each experts module is FSDP-sharded over efsdp and its tokens are dispatched over ep, while the dense part
+    is sharded as above (TP rules on the experts are dropped). E must divide the number of processes and be a
+    multiple of T.
     """
 
     name = "fsdp2"
 
     def __init__(self, data_parallel_size: int | None = None, reshard_after_forward: bool = True,
                  tensor_parallel_size: int = 1, tp_plan: dict[str, str] | None = None,
-                 context_parallel_size: int = 1) -> None:
+                 context_parallel_size: int = 1, expert_parallel_size: int = 1) -> None:
         super().__init__()
         check_int("data_parallel_size", data_parallel_size, allow_none=True)
         check_int("tensor_parallel_size", tensor_parallel_size)
         check_int("context_parallel_size", context_parallel_size)
+        check_int("expert_parallel_size", expert_parallel_size)
         if tp_plan is not None and not (isinstance(tp_plan, dict) and all(isinstance(k, str) for k in tp_plan)):
             raise bad_value("tp_plan", tp_plan, "use None or a dict {module pattern: 'colwise'|'rowwise'}")
         self.data_parallel_size = data_parallel_size
@@ -216,8 +224,10 @@ class FSDP2Strategy(ProcessGroupStrategy):
         self.tensor_parallel_size = tensor_parallel_size
         self.tp_plan = tp_plan
         self.context_parallel_size = context_parallel_size
+        self.expert_parallel_size = expert_parallel_size
         self.mesh: DeviceMesh | None = None
         self.fsdp_mesh: DeviceMesh | None = None
+        self.expert_mesh: DeviceMesh | None = None
 
     def setup(self, accelerator: str = "auto") -> None:
         tp, cp = self.tensor_parallel_size, self.context_parallel_size
@@ -225,14 +235,27 @@ class FSDP2Strategy(ProcessGroupStrategy):
             raise bad_value("context_parallel_size", cp, "context parallel needs CUDA GPUs (PyTorch shards attention "
                             "only in the CUDA flash/efficient/cuDNN SDPA kernels); use 1 on CPU")
         dims = mesh_dims(env_world_size(), self.data_parallel_size, cp, tp)
+        experts = expert_dims(env_world_size(), self.expert_parallel_size, tp)
         self.data_parallel_size = dims["dp"]
         super().setup(accelerator)
-        if tp > 1 or cp > 1:
-            from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import init_device_mesh
 
+        if tp > 1 or cp > 1:
             shape, names = mesh_shape(dims)
             self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
             self.fsdp_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if cp > 1 else self.mesh["dp"]
+        if self.expert_parallel_size > 1:
+            self.expert_mesh = init_device_mesh(self.device.type, (experts["efsdp"], experts["ep"]),
+                                                mesh_dim_names=("efsdp", "ep"))
+
+    def _batch_sharing_mesh(self) -> DeviceMesh:
+        """The ranks that hold the same batch, which expert dispatch splits first: the tp group (a mesh of
+        this rank alone without TP)."""
+        if self.tensor_parallel_size > 1:
+            return self._mesh_dim("tp")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.world_size, 1), mesh_dim_names=("ranks", "tp"))["tp"]
 
     def _mesh_dim(self, name: str) -> DeviceMesh:
         """One dim of the (dp, cp, tp) mesh ``setup`` built (it exists when tp or cp > 1)."""
@@ -272,12 +295,19 @@ class FSDP2Strategy(ProcessGroupStrategy):
         return super().all_reduce(tensor, world)
 
     def wrap(self, model: TrainableModel, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
-        """Tensor parallel over the model's plan, then ``fully_shard`` on each of its repeated blocks and the root."""
+        """Tensor and expert parallel over the model's plans, then ``fully_shard`` on each experts module (over
+        efsdp), each of its repeated blocks and the root."""
         module = configured(model)
         if self.tensor_parallel_size > 1:
             from nemo_automodel.parallel.tensor_parallel import apply_tensor_parallel
 
-            apply_tensor_parallel(model.tensor_parallel_plan(), self._mesh_dim("tp"), self.tp_plan)
+            apply_tensor_parallel(self._tensor_parallel_plan(model), self._mesh_dim("tp"), self.tp_plan)
+        experts: list[torch.nn.Module] = []
+        if self.expert_parallel_size > 1:
+            from nemo_automodel.parallel.expert_parallel import apply_expert_parallel
+
+            experts = apply_expert_parallel(model.expert_parallel_plan(), self._expert_mesh()["ep"],
+                                            self._batch_sharing_mesh())
         if self.context_parallel_size > 1:
             from nemo_automodel.parallel.context_parallel import check_attention
 
@@ -287,17 +317,40 @@ class FSDP2Strategy(ProcessGroupStrategy):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs: dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
-        if self.mesh is not None:
-            kwargs["mesh"] = self.fsdp_mesh
         if mixed_precision is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+        for expert_module in experts:
+            efsdp = self._expert_mesh()["efsdp"]
+            fully_shard(expert_module, mesh=efsdp, **kwargs)
+            # an expert's gradient sums the tokens of every rank in its ep group; dividing by all the data-parallel
+            # ranks (not the efsdp ones FSDP would) gives the same mean as the dense part. A factor other than the
+            # group size is a PREMUL_SUM that gloo refuses: sum over efsdp, then divide locally.
+            expert_module.set_gradient_divide_factor(float(self.grad_reduce_size))  # type: ignore[operator]
+            if efsdp.size() > 1:
+                expert_module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+        if self.mesh is not None:
+            kwargs["mesh"] = self.fsdp_mesh
         for block in model.repeated_blocks():
             fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
         return module
 
+    def _expert_mesh(self) -> DeviceMesh:
+        if self.expert_mesh is None:
+            raise RuntimeError("FSDP2Strategy: no expert mesh (setup() builds it when expert_parallel_size > 1)")
+        return self.expert_mesh
+
+    def _tensor_parallel_plan(self, model: TrainableModel) -> TensorParallelPlan:
+        """The model's TP plan, less its rules for the experts when EP splits those."""
+        plan = model.tensor_parallel_plan()
+        if self.expert_parallel_size == 1 or not plan.styles:
+            return plan
+        from nemo_automodel.parallel.expert_parallel import tensor_parallel_styles_outside
+
+        return dataclasses.replace(plan, styles=tensor_parallel_styles_outside(plan.styles, model.expert_parallel_plan()))
+
     def clip_grad_norm(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        if self.mesh is None:
+        if self.mesh is None and self.expert_mesh is None:
             return super().clip_grad_norm(module, max_norm)
         from nemo_automodel.parallel.tensor_parallel import clip_grad_norm
 

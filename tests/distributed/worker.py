@@ -4,7 +4,8 @@ SPEC holds ``{"runs": [run, ...]}``; the runs train one after another in this pr
 torchrun start serves several fits). A run's keys:
   model, data, log_dir, name, steps            where and how long
   peft (False|True|"dora"), dropout (LoRA's, default 0.1)
-  strategy (None|"ddp"|"fsdp2"), devices       (Trainer(devices=N) launches the workers)
+  strategy (None|"ddp"|"fsdp2"|{FSDP2Strategy kwargs}), devices   (Trainer(devices=N) launches the workers)
+  targets                                      LoRA target_modules (default ["*_proj"])
   micro, global, lr, total                     batch sizes, AdamW with cosine LR over ``total`` steps
   optim ("adamw"|"sgd")                        "sgd": plain SGD at a flat LR, no clipping (see ``optimizer``),
                                                and out/init.pt (rank 0: the full weights the training starts from)
@@ -32,6 +33,7 @@ from nemo_automodel.api import finetune
 from nemo_automodel.checkpoint import AutoResume, ModelCheckpoint
 from nemo_automodel.data import HFDatasetDataModule
 from nemo_automodel.models import HFAutoModelForCausalLM
+from nemo_automodel.parallel import FSDP2Strategy
 from nemo_automodel.peft import DoRA, LoRA
 from nemo_automodel.trainer import NeMoLogger, Trainer
 from nemo_automodel.trainer.optim import PytorchOptimizerModule, WarmupCosineSchedule
@@ -156,12 +158,15 @@ def fit(run: dict, callbacks: list) -> tuple:
     data = HFDatasetDataModule(run["data"], formatting=None, seq_length=64, micro_batch_size=run["micro"],
                                global_batch_size=run["global"], pad_token_id=0, seed=3)
     optim, clip = optimizer(run)
-    trainer = Trainer(devices=run.get("devices", 1), strategy=run.get("strategy"), max_steps=run["steps"],
+    strategy = run.get("strategy")
+    strategy = FSDP2Strategy(**strategy) if isinstance(strategy, dict) else strategy
+    trainer = Trainer(devices=run.get("devices", 1), strategy=strategy, max_steps=run["steps"],
                       log_every_n_steps=1, gradient_clip_val=clip, enable_progress_bar=False, callbacks=callbacks,
                       precision=run.get("precision", "32"))
     # dropout > 0: resuming bitwise needs every rank's RNG restored
     method = DoRA if run.get("peft") == "dora" else LoRA
-    peft = method(target_modules=["*_proj"], dim=4, dropout=run.get("dropout", 0.1)) if run.get("peft") else None
+    peft = method(target_modules=run.get("targets", ["*_proj"]), dim=4, dropout=run.get("dropout", 0.1)) \
+        if run.get("peft") else None
     ckpt = ModelCheckpoint(every_n_train_steps=run.get("every"), keep_last=2)
     run_dir = finetune(model=model, data=data, trainer=trainer, peft=peft, optim=optim, resume=_resume(run),
                        log=NeMoLogger(log_dir=run["log_dir"], name=run["name"], ckpt=ckpt, tensorboard=False))

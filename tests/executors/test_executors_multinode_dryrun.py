@@ -46,6 +46,20 @@ def test_slurm_tp8_dryrun_shows_script_rendezvous_and_mesh(tmp_path, model_dir, 
     assert f"FSDP2 over {8 * nodes} GPUs (dp {nodes} x cp 1 x tp 8)" in out  # the memory plan of one GPU
 
 
+def test_expert_parallel_dryrun_shows_the_experts_view_of_the_mesh(tmp_path):
+    import transformers
+
+    cfg = transformers.MixtralConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=8, num_local_experts=16,
+                                     architectures=["MixtralForCausalLM"])
+    cfg.save_pretrained(tmp_path / "mixtral")
+    out = _dryrun(tmp_path, f"model.model_id={tmp_path / 'mixtral'}", "executor=slurm", "executor.nodes=2",
+                  "executor.gpus_per_node=8", "trainer.strategy=fsdp2_parallel(expert_parallel_size=8)")
+    assert "expert_parallel_size=8" in out  # the graph
+    assert ("mesh (dp=16) over 16 ranks on 2 nodes x 8: dp groups across nodes; experts (efsdp=2, ep=8): "
+            "ep groups within a node") in out
+
+
 def test_a_mesh_that_does_not_fit_the_launch_is_named(tmp_path, model_dir):
     out = _dryrun(tmp_path, f"model.model_id={model_dir}", "executor=slurm", "executor.nodes=1",
                   "executor.gpus_per_node=6", "trainer.strategy=fsdp2_parallel(tensor_parallel_size=4)")
