@@ -123,10 +123,29 @@ def apply_overrides(graph: run.Partial, args: list[str]) -> run.Partial:
         if "[" not in key:
             walk(graph, key, check=True)
         try:
-            graph = parse_cli_args(graph, [arg])
+            if not _set_argument_factory(graph, key, arg.split("=", 1)[1]):
+                graph = parse_cli_args(graph, [arg])
         except Exception as err:
             raise ConfigError(f"override {arg!r}: {root_cause(err)}") from None
     return graph
+
+
+def _set_argument_factory(graph: run.Partial, key: str, value: str) -> bool:
+    """``trainer.strategy=fsdp2_parallel(tensor_parallel_size=8)``: a factory registered for that argument
+    (``@run.cli.factory(target=Trainer, target_arg="strategy")``) builds the value. NeMo-Run looks such a
+    factory up only when the annotation admits no ``str``; ``Strategy | str | None`` kept the text instead
+    (outside a recipe file that defines the factory). True when set here."""
+    parent_key, _, name = key.rpartition(".")
+    parent = walk(graph, parent_key, check=True) if parent_key else graph
+    factory = value.split("(", 1)[0].strip()
+    if not isinstance(parent, fdl.Buildable) or not factory.isidentifier():
+        return False
+    owner = fdl.get_callable(parent)
+    if not catalogue.check_exists(f"{_run_config.get_type_namespace(owner)}.{name}", factory):
+        return False
+    annotation = inspect.signature(owner).parameters[name].annotation if name in _params(parent)[0] else Any
+    setattr(parent, name, _cli_parser.parse_factory(owner, name, annotation, value))
+    return True
 
 
 def executor_args(arg: str) -> list[str]:

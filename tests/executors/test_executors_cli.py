@@ -120,9 +120,12 @@ def test_the_nemo_command_finds_our_entry_points(tmp_path):
 
     nemo = [str(Path(sys.executable).parent / "nemo"), "automodel", "finetune"]
     proc = run_cli("--factory", "smollm2_135m", "trainer.max_steps=5", "peft=None", "executor=slurm",
-                   "executor.nodes=2", "--dryrun", exe=nemo, cwd=tmp_path)
+                   "executor.nodes=2", "trainer.strategy=fsdp2_parallel(tensor_parallel_size=2)", "--dryrun",
+                   exe=nemo, cwd=tmp_path)
     assert proc.returncode == 0, explain(proc)
     assert "max_steps=5" in proc.stdout and "#SBATCH --nodes=2" in proc.stdout
+    # the argument factory builds the strategy node (it stayed the text 'fsdp2_parallel(...)' before)
+    assert "strategy=FSDP2Strategy(" in proc.stdout and "mesh (dp=1, tp=2) over 2 ranks" in proc.stdout
     proc = run_cli("--factory", "nope", "--dryrun", exe=nemo, cwd=tmp_path)
     assert proc.returncode == 2 and "error: --factory 'nope' is unknown" in proc.stderr, explain(proc)
 
