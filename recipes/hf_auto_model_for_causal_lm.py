@@ -59,7 +59,7 @@ def data(dataset: Any, formatting: str | None = "chat", seq_length: int = 512, m
 
 
 def trainer(max_steps: int = 100, num_nodes: int = 1, devices: int = 1, strategy: str | None = None,
-            precision: str = "32", val_check_interval: int | None = None, log_every_n_steps: int = 1) -> run.Config:
+            precision: str = "auto", val_check_interval: int | None = None, log_every_n_steps: int = 1) -> run.Config:
     return run.Config(Trainer, devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=max_steps,
                       precision=precision, gradient_clip_val=1.0, val_check_interval=val_check_interval,
                       log_every_n_steps=log_every_n_steps)
@@ -83,7 +83,7 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolLM2-135M-Instruct", datas
                     formatting: str | None = "squad", peft_scheme: str | None = "lora", dir: str = "nemo_experiments",
                     name: str = "finetune", num_nodes: int = 1, num_gpus_per_node: int = 1, max_steps: int = 100,
                     lr: float | None = None, seq_length: int = 512, micro_batch_size: int = 4,
-                    global_batch_size: int = 8, strategy: str | None = None, precision: str = "32",
+                    global_batch_size: int = 8, strategy: str | None = None, precision: str = "auto",
                     preflight: bool = False) -> run.Partial:
     """LoRA (``peft_scheme='lora'``) or full SFT (``None``) of ``model_id`` on ``dataset``; ``preflight=True``
     checks and prints what the data trains on before any weights load (``nemo_automodel.data.preflight``)."""

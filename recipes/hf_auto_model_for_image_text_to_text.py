@@ -45,7 +45,7 @@ def finetune_recipe(model_id: Any = "HuggingFaceTB/SmolVLM-256M-Instruct",
                     dir: str = "nemo_experiments", name: str = "finetune_vlm", num_nodes: int = 1,
                     num_gpus_per_node: int = 1, max_steps: int = 100, lr: float | None = None,
                     seq_length: int = 1024, micro_batch_size: int = 2, global_batch_size: int = 8,
-                    strategy: str | None = None, precision: str = "32") -> run.Partial:
+                    strategy: str | None = None, precision: str = "auto") -> run.Partial:
     """LoRA (``peft_scheme='lora'``) or full SFT (``None``) of a vision-language ``model_id`` on ``dataset``."""
     peft, default_lr = peft_and_lr(peft_scheme)
     return run.Partial(

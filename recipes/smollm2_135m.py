@@ -17,7 +17,7 @@ from recipes import hf_auto_model_for_causal_lm as base
 def finetune_recipe(dir: str = "runs", name: str = "smollm2-lora", peft_scheme: str | None = "lora",
                     max_steps: int = 30, samples: int | None = 800, lr: float | None = None,
                     seq_length: int = 256, micro_batch_size: int = 8, global_batch_size: int = 8,
-                    precision: str = "bf16-mixed", packed_sequence_size: int = 256,
+                    precision: str = "auto", packed_sequence_size: int = 256,
                     preflight: bool = True) -> run.Partial:
     """LoRA (or full SFT with ``peft_scheme=None``) on chatterbot + HumanEval chats, loss on replies; the data
     preflight's summary prints before training."""

@@ -24,7 +24,8 @@ def _finetune(model_path, tmp_path, peft, steps=12, lr=1e-2, name="run", **train
         data=llm.HFDatasetDataModule(chat_dataset(), formatting="chat", seq_length=64, micro_batch_size=4,
                                      global_batch_size=8),
         optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=lr)),
-        trainer=nl.Trainer(max_steps=steps, log_every_n_steps=1, enable_progress_bar=False, **trainer_kw),
+        trainer=nl.Trainer(max_steps=steps, log_every_n_steps=1, enable_progress_bar=False,
+                           **{"precision": "32", **trainer_kw}),  # exact comparisons: fp32, whatever the CPU
         log=nl.NeMoLogger(log_dir=str(tmp_path), name=name),
     )
     return model, run_dir
@@ -81,7 +82,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_llama, tmp_path):
                                          micro_batch_size=micro, global_batch_size=8, shuffle=False),
             # SGD: its update is linear in the gradient, so a wrong loss weighting would show
             optim=PytorchOptimizerModule(functools.partial(torch.optim.SGD, lr=1.0)),
-            trainer=nl.Trainer(max_steps=1, enable_progress_bar=False, enable_checkpointing=False),
+            trainer=nl.Trainer(max_steps=1, enable_progress_bar=False, enable_checkpointing=False, precision="32"),
             log=nl.NeMoLogger(log_dir=str(tmp_path), name=name),
         )
         return {k: v.detach().clone() for k, v in model.model.state_dict().items()}

@@ -29,8 +29,9 @@ FACADES = ("nemo_automodel.llm", "nemo_automodel.vlm", "nemo_automodel.lightning
 COMPONENTS = ("nemo_automodel.contracts", "nemo_automodel.errors", "nemo_automodel.deprecation", "nemo_automodel.models", "nemo_automodel.peft",
               "nemo_automodel.data", "nemo_automodel.parallel", "nemo_automodel.checkpoint", "nemo_automodel.tracking",
               "nemo_automodel.trainer", "nemo_automodel.plan")
-# trainer/ is the loop (and its callbacks), the optimizer module, spawn and JIT; metrics.py is a deprecated re-export
-TRAINER_MODULES = {"__init__", "trainer", "callbacks", "optim", "spawn", "jit", "metrics"}
+# trainer/ is the loop (and its callbacks, its precision choice), the optimizer module, spawn and JIT; metrics.py is a
+# deprecated re-export
+TRAINER_MODULES = {"__init__", "trainer", "callbacks", "precision", "optim", "spawn", "jit", "metrics"}
 REEXPORTS = ("nemo_automodel/trainer/metrics.py",)
 NOT_FOR_COMPONENTS = ("nemo_automodel.megatron", "nemo_automodel.launch", "nemo_automodel.demo",
                       "nemo_automodel.export", "fiddle", "nemo_run")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nemo_run as run
 import pytest
+import torch
 
 from nemo_automodel import lightning as nl
 from nemo_automodel import llm
@@ -28,6 +29,7 @@ from nemo_automodel.launch.experiment import Experiment
 from nemo_automodel.launch.guard import run_graph
 from nemo_automodel.launch.tracker_params import flatten_graph, with_tracker_params
 from nemo_automodel.tracking.trackers import EXTRA, MLflowLogger, WandbLogger
+from nemo_automodel.trainer.precision import choose_precision, detect
 from recipes import hf_auto_model_for_causal_lm as hf_recipe
 from tests.helpers import chat_dataset, metrics, require_module
 
@@ -364,7 +366,8 @@ def test_plain_python_run_records_object_params(sqlite_store, tiny_llama, tmp_pa
     (found,) = client.search_runs([client.get_experiment_by_name("plain").experiment_id])
     params = found.data.params
     assert params["note"] == "hand-made" and params["peft.dim"] == "4" and params["trainer.max_steps"] == "2"
-    assert params["trainer.precision"] == "32" and params["trainer.strategy"] == "single"
+    chosen, _ = choose_precision(detect(torch.device("cpu")), peft=True)  # "auto", as the trainer decided it
+    assert params["trainer.precision"] == chosen and params["trainer.strategy"] == "single"
     assert params["optim.optimizer_fn.lr"] == "0.003" and params["model.model_id"] == str(tiny_llama)
     assert params["data.micro_batch_size"] == "4" and params["peft._target_"] == "nemo_automodel.peft.lora.LoRA"
 

@@ -13,6 +13,7 @@ import fiddle as fdl
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.plan import Plan, TrainingJob, plan
+from nemo_automodel.trainer.precision import AUTO, planned_precision
 
 _STRATEGY_NAMES = {"SingleDeviceStrategy": "single", "DDPStrategy": "ddp", "FSDP2Strategy": "fsdp2"}
 
@@ -81,10 +82,14 @@ def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int 
     accumulate = (max(1, global_batch // (micro * replicas)) if global_batch else
                   int(_arg(trainer, "accumulate_grad_batches", 1)))
     chunked = _arg(model, "chunked_loss", False) or _arg(model, "use_liger_kernel", False)
+    device = device or ("cpu" if _arg(trainer, "accelerator", "auto") == "cpu" else "cuda")
+    precision = str(_arg(trainer, "precision", AUTO))
+    if precision == AUTO:  # what the trainer will choose there (a planned GPU: one with bf16)
+        precision, _ = planned_precision(device, peft is not None)
     return TrainingJob(
         model=_model_id(model, build_nodes),
         peft=fdl.build(peft) if isinstance(peft, fdl.Buildable) else peft,
-        precision=str(_arg(trainer, "precision", "32")),
+        precision=precision,
         torch_dtype=str(_arg(model, "torch_dtype", "float32")),
         quantization=_arg(model, "quantization"),
         strategy=_strategy(trainer),
@@ -95,7 +100,7 @@ def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int 
         activation_checkpointing=bool(_arg(model, "activation_checkpointing", False)),
         chunked_loss=bool(chunked),
         accumulate=accumulate,
-        device=device or ("cpu" if _arg(trainer, "accelerator", "auto") == "cpu" else "cuda"),
+        device=device,
         trust_remote_code=bool(_arg(model, "trust_remote_code", False)),
         **sizes,
     )

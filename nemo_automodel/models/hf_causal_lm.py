@@ -39,7 +39,8 @@ class HFAutoModelForCausalLM(HFShardingUnits):
         model_id: Hub id (``org/name``) or a local folder with ``config.json``.
         load_pretrained_weights: False builds a randomly initialised model from the config.
         tokenizer: tokenizer id/folder if it differs from ``model_id``.
-        torch_dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
+        torch_dtype: parameter dtype: ``auto`` (fp32, or bf16 when the trainer's precision is ``bf16-true``),
+            ``float32``, ``bfloat16``, ``float16``.
         attn_implementation: asked-for attention kernel; falls back to sdpa, then eager, when
             the architecture or machine does not support it.
         trust_remote_code: run model code shipped with the checkpoint (off by default).
@@ -64,7 +65,7 @@ class HFAutoModelForCausalLM(HFShardingUnits):
     """
 
     def __init__(self, model_id: str | os.PathLike | None = None, load_pretrained_weights: bool = True,
-                 tokenizer: str | None = None, torch_dtype: str | torch.dtype = "float32",
+                 tokenizer: str | None = None, torch_dtype: str | torch.dtype = "auto",
                  attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                  revision: str | None = None, model_name: str | None = None, use_liger_kernel: bool = False,
                  chunked_loss: bool | str = False, loss_chunk_size: int | None = None,

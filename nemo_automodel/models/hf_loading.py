@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+# "auto" (the default): the weights' dtype follows the trainer's precision, fp32 master weights unless it is
+# bf16-true (which loads bf16). Not transformers' "auto" (the checkpoint's dtype): a bf16 checkpoint trained
+# with fp32 optimizer updates must be loaded in fp32.
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 ATTN_FALLBACKS = ("sdpa", "eager")
 Kind = Literal["causal_lm", "image_text_to_text"]

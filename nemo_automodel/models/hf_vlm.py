@@ -71,7 +71,7 @@ class HFAutoModelForImageTextToText(HFShardingUnits):
     """
 
     def __init__(self, model_id: str | os.PathLike | None = None, load_pretrained_weights: bool = True,
-                 processor: str | None = None, torch_dtype: str | torch.dtype = "float32",
+                 processor: str | None = None, torch_dtype: str | torch.dtype = "auto",
                  attn_implementation: str = "sdpa", trust_remote_code: bool = False, revision: str | None = None,
                  model_name: str | None = None, freeze_vision_tower: bool = True,
                  activation_checkpointing: bool = False) -> None:

@@ -24,6 +24,7 @@ from nemo_automodel.tracking.metrics import MetricsLogger
 from nemo_automodel.tracking.trackers import MLflowLogger, Tracker, WandbLogger, check_trackers, object_params
 from nemo_automodel.trainer.callbacks import as_callback
 from nemo_automodel.trainer.optim import default_optimizer
+from nemo_automodel.trainer.precision import AUTO, choose_precision, detect
 from nemo_automodel.trainer.spawn import launch_fit, needs_launch
 
 logger = logging.getLogger(__name__)  # not `log`: fit's NeMoLogger argument has that name
@@ -83,7 +84,8 @@ class Trainer:
     """Fit a model on a data module.
 
     Lightning/NeMo-style arguments; ``max_steps`` counts optimizer steps. ``precision`` is
-    ``'32'``, ``'bf16-mixed'`` (bf16 autocast over the model's weights) or ``'bf16-true'`` (weights
+    ``'auto'`` (the default: chosen for the device at setup and printed, ``trainer/precision.py``), ``'32'``,
+    ``'bf16-mixed'`` (bf16 autocast over the model's weights) or ``'bf16-true'`` (weights
     loaded in bf16; LoRA adapters and their optimizer state stay fp32; full SFT then trains bf16
     weights without fp32 master copies, and says so). ``strategy`` is None (DDP on several processes,
     else one device), ``'ddp'``, ``'fsdp2'`` or any object with the ``contracts.Strategy`` members.
@@ -109,13 +111,13 @@ class Trainer:
     def __init__(self, devices: int = 1, num_nodes: int = 1, accelerator: str = "auto",
                  strategy: Strategy | str | None = None,
                  max_steps: int = -1, max_epochs: int | None = None, accumulate_grad_batches: int = 1,
-                 gradient_clip_val: float | None = None, precision: str | int = "32",
+                 gradient_clip_val: float | None = None, precision: str | int = AUTO,
                  val_check_interval: int | float | None = None, limit_val_batches: int | float | None = None,
                  log_every_n_steps: int = 10, callbacks: list[Any] | None = None, seed: int = 1234,
                  enable_progress_bar: bool = True, enable_checkpointing: bool = True,
                  num_sanity_val_steps: int = 0, use_distributed_sampler: bool | None = None, logger: Any = None) -> None:
-        if str(precision) not in PRECISIONS:
-            raise bad_value("precision", precision, f"use one of {sorted(PRECISIONS)}")
+        if str(precision) not in PRECISIONS and str(precision) != AUTO:
+            raise bad_value("precision", precision, f"use 'auto' or one of {sorted(PRECISIONS)}")
         if accelerator not in ("auto", "cpu", "gpu", "cuda"):
             raise bad_value("accelerator", accelerator, "use 'auto', 'cpu' or 'gpu'")
         if max_steps <= 0 and not max_epochs:
@@ -130,8 +132,8 @@ class Trainer:
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
-        self.precision = str(precision)
-        self.autocast_dtype, self.weight_dtype = PRECISIONS[str(precision)]
+        self._precision_arg = self.precision = str(precision)
+        self.autocast_dtype, self.weight_dtype = PRECISIONS.get(self.precision, (None, None))  # "auto": in _setup
         self.val_check_interval, self.limit_val_batches = val_check_interval, limit_val_batches
         self.log_every_n_steps, self.callbacks, self.seed = log_every_n_steps, list(callbacks or []), seed
         self._hooks = [as_callback(cb, i) for i, cb in enumerate(self.callbacks)]
@@ -149,6 +151,8 @@ class Trainer:
         torch.manual_seed(self.seed)  # before setup: Megatron derives its model-parallel RNG streams from it
         self.strategy.setup(self.accelerator)
         torch.manual_seed(self.seed)
+        if self._precision_arg == AUTO:
+            self._choose_precision(peft is not None)
         model.configure_model(self.strategy.device, dtype=self.weight_dtype)
         if peft is not None:
             model.apply_peft(peft)
@@ -170,6 +174,13 @@ class Trainer:
         self._clip = self.gradient_clip_val or optim.clip_grad
         optimizer, scheduler = optim.build((p for p in module.parameters() if p.requires_grad), max_steps)
         return TrainingSetup(module, optimizer, scheduler, accum, max_steps)
+
+    def _choose_precision(self, peft: bool) -> None:
+        """``precision="auto"``: decided for the device the strategy set up (``trainer/precision.py``), said once."""
+        self.precision, reason = choose_precision(detect(self.strategy.device), peft)
+        self.autocast_dtype, self.weight_dtype = PRECISIONS[self.precision]
+        if self.strategy.rank == 0:
+            print(f"precision auto -> {self.precision} ({reason})", flush=True)
 
     def _accumulation(self, data: DataModule) -> int:
         from_data = data.accumulate_grad_batches

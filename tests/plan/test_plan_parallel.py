@@ -111,7 +111,9 @@ def test_the_recipe_adapter_reads_the_strategy_sizes(tmp_path):
     job = job_from_recipe(recipe, gpus=8)
     assert (job.tensor_parallel, job.context_parallel, job.data_parallel, job.strategy) == (2, 2, 2, "fsdp2")
     assert job.accumulate == 8 // (1 * 2)  # the global batch is over the 2 replicas, not the 8 GPUs
+    assert job.precision == "bf16-true"  # the recipe's "auto" on a planned GPU, for LoRA
     same = TrainingJob(transformers.AutoConfig.from_pretrained(tmp_path / "model"), peft=job.peft, strategy="fsdp2",
+               precision="bf16-true",
                devices=8, micro_batch_size=1, seq_length=512, accumulate=4, tensor_parallel=2, context_parallel=2)
     assert plan_recipe(recipe, gpus=8).estimate.components == estimate(same).components
     assert isinstance(recipe.trainer.strategy, fdl.Buildable)  # read, not built
