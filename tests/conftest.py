@@ -75,6 +75,11 @@ def _tiny_families():
             vocab_size=v, hidden_size=64, intermediate_size=128, hybrid_override_pattern="M*M-", num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16,
             **{**ssm, "num_hidden_layers": 4}),
+        # multi-head latent attention + a dense first layer, then 4 routed experts (top-2) and a shared one
+        "deepseek_v3": lambda v: transformers.DeepseekV3Config(
+            vocab_size=v, **{**TINY, "num_key_value_heads": 4}, moe_intermediate_size=64, n_routed_experts=4,
+            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32,
+            kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, num_mtp_layers=0),
     }
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -63,6 +66,9 @@ class LoRA:
         if chosen.parameters and self.use_dora:
             raise ConfigError(f"use_dora=True: peft has no DoRA for fused expert weights ({summarize(chosen.parameters)}"
                               "); use LoRA, or exclude_modules=['experts']")
+        if chosen.parameters and self.dropout:
+            raise ConfigError(f"dropout={self.dropout}: peft has no LoRA dropout for fused expert weights "
+                              f"({summarize(chosen.parameters)}); set dropout=0, or exclude_modules=['experts']")
         if int(os.environ.get("RANK", "0")) == 0:
             print("\n".join([f"LoRA r={self.dim} on {type(module).__name__}:",
                               *(f"  {line}" for line in describe_targets(module, chosen, within))]), flush=True)
@@ -71,18 +77,46 @@ class LoRA:
                             lora_dropout=self.dropout, target_modules=chosen.modules or None,
                             target_parameters=chosen.parameters or None, bias="none", task_type="CAUSAL_LM",
                             use_dora=self.use_dora, use_rslora=self.use_rslora)
-        return get_peft_model(module, config)
+        with _targets_as_resolved():
+            return get_peft_model(module, config)
+
+
+@contextlib.contextmanager
+def _targets_as_resolved(active: bool = True) -> Iterator[None]:
+    """Inject a LoRA config as written. peft (0.21, on transformers 5) rewrites the config of every family that
+    transformers converts from the transformers-4 expert layout (``_convert_peft_config_moe``; DeepSeek-V2/V3,
+    Qwen2/3-MoE, Qwen3-Next, GLM-4-MoE, ... convert like Qwen2-MoE): each target named ``gate_proj``, ``up_proj``
+    or ``down_proj`` is taken for a transformers-4 expert and moved to ``target_parameters``, so the dense MLP
+    and shared-expert layers of those families silently get no adapter (and ``target_parameters`` gains bare
+    ``gate_up_proj``/``down_proj``). Our targets are resolved on the loaded model, the experts already named as
+    parameters: nothing to convert. Private peft API, pinned with peft; without it peft does as it does."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        yield
+        return
+    real = conversion.convert_peft_config_for_transformers
+    if active:
+        conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = real
+
+
+def _adapter_keys(adapter_dir: str | Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        return list(f.keys())  # safe_open is not a mapping
 
 
 def adapter_modules(adapter_dir: str | Path) -> list[str]:
     """The base-model module names that carry LoRA weights in a saved ``adapter_model.safetensors``."""
-    from safetensors import safe_open
-
     names: dict[str, None] = {}
-    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if ".lora_" in key:
-                names[key.removeprefix("base_model.model.").split(".lora_")[0]] = None
+    for key in _adapter_keys(adapter_dir):
+        if ".lora_" in key:
+            names[key.removeprefix("base_model.model.").split(".lora_")[0]] = None
     return list(names)
 
 
@@ -102,7 +136,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     kind, _ = kind_with_modules(load_config(base), adapter_modules(adapter_dir))
     model = auto_model_class(kind).from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    # an adapter saved from a transformers-4 mixture of experts (one module per expert: ``experts.0.w1``) loads
+    # through peft's conversion; ours name the transformers-5 layers they adapted (see _targets_as_resolved)
+    keys = _adapter_keys(adapter_dir)
+    with _targets_as_resolved(active=not any(re.search(r"\.experts\.\d+\.", k) for k in keys)):
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     load = load_processor if kind == "image_text_to_text" else load_tokenizer

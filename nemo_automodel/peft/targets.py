@@ -4,7 +4,8 @@ expert weights of mixture-of-experts families (3-D ``nn.Parameter``s such as ``m
 
 A pattern is one of:
 - a Megatron-style alias (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``),
-  mapped to the architecture's own layers (q/k/v_proj, fused qkv_proj, GPT-2's c_attn, ...);
+  mapped to the architecture's own layers (q/k/v_proj, fused qkv_proj, GPT-2's c_attn, DeepSeek's latent
+  attention q_a/q_b/kv_a/kv_b projections, ...);
 - a wildcard (``*_proj``, ``model.layers.0.*``): ``*`` matches anything, ``.`` is literal;
 - a regex (contains ``^$[]()+?|{}\\``), matched against the full name;
 - a plain name (``q_proj``): the full name or its dotted suffix.
@@ -30,7 +31,9 @@ from nemo_automodel.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MEGATRON_ALIASES = {
-    "linear_qkv": r".*\.(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|Wqkv|W_pack)",
+    # DeepSeek's multi-head latent attention projects q and kv down then up: q_a/q_b, kv_a_proj_with_mqa/kv_b
+    "linear_qkv": r".*\.(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|Wqkv|W_pack|q_a_proj|q_b_proj|"
+                  r"kv_a_proj_with_mqa|kv_b_proj)",
     "linear_proj": r".*(attn|attention)[^.]*\.(o_proj|c_proj|out_proj|dense)",
     "linear_fc1": r".*\.(gate_proj|up_proj|gate_up_proj|c_fc|fc1|dense_h_to_4h|w1|w3)",
     "linear_fc2": r".*(mlp|feed_forward|ffn|experts)[^.]*\.(down_proj|c_proj|fc2|dense_4h_to_h|w2)",
