@@ -5,6 +5,7 @@
 2. ``loss_memory.py`` — peak memory chunked ÷ plain loss (vocab 32768 and 49152, 2 x 1024 tokens).
 3. ``peers.py`` — ours ÷ TRL SFTTrainer (both packed) in fp32 and in bf16, ours unpacked ÷ HF
    Trainer (same batches), packing on/off, bf16 on/off on SmolLM2-135M + the demo chat data.
+   The same harness on a random Qwen3-MoE (full SFT, fp32, same batches, 1 thread): ours ÷ HF Trainer.
 4. ``profile_step.py`` — the share of a step spent in the model's own math (matmul, attention):
    the ceiling on what any framework can gain in the same precision.
 5. ``megatron_load.py`` — peak memory of building a Megatron model from a bf16 HF checkpoint:
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     # 8 timed steps, min/median/max of the per-step ratios printed: a few steps swung ours ÷ TRL 0.98..1.55 here
     peer_steps = ["--steps", "1", "--warmup", "1"] if a.quick else ["--steps", "8", "--warmup", "2"]
     run("peers: SmolLM2-135M LoRA, demo chat data", ["benchmarks/peers.py", *peer_steps], rows)
+    # a step takes ~0.3 s: more timed steps; one torch thread each (steps this short on 2 OpenMP threads swung
+    # 0.15..4.2 per step on a loaded machine, 0.71..1.75 on one thread)
+    moe_steps = ["--steps", "2", "--warmup", "1"] if a.quick else ["--steps", "20", "--warmup", "3"]
+    run("peers: random Qwen3-MoE, full SFT, fp32, same batches, 1 thread",
+        ["benchmarks/peers.py", "--groups", "ours-moe,hf-moe", "--threads", "1", *moe_steps], rows)
     run("where a step's time goes (torch.profiler)", ["benchmarks/profile_step.py"], rows)
     run("Megatron load from a bf16 HF checkpoint", ["benchmarks/megatron_load.py"], rows)
     _compile_ratio(rows)
