@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# Start (or reuse) a single-node Slurm cluster on localhost with accounting (sacct), no systemd.
+# Start (or reuse) a 2-node Slurm cluster on this machine with accounting (sacct), no systemd.
 #
 #   .ci/slurm-up.sh          install Debian's slurm + mariadb if missing, start what is not running
 #   .ci/slurm-up.sh down     stop the daemons this script started
 #
+# One slurmctld, one slurmdbd (+ a private MariaDB) and two slurmd daemons, nodes n1 and n2 (partition
+# `debug`), each its own slurmd on its own port: NodeAddr=127.0.0.1, so all Slurm traffic stays on loopback.
+# A 1-node job lands on either node; `sbatch -N2` gets n[1-2]. The node names need not resolve: a multi-node
+# job's rendezvous address is the head node's NodeAddr (executors/slurm.py), never a lookup of "n1".
+#
 # State lives in $NEMO_AUTOMODEL_SLURM_DIR (default /var/tmp/nemo-automodel-ci/slurm); clients
 # need SLURM_CONF=$NEMO_AUTOMODEL_SLURM_DIR/slurm.conf (tests/executors/conftest.py sets it).
-# Idempotent: a second run finds the daemons alive and only waits for `sinfo` to show the node.
+# Idempotent: a second run finds the daemons alive and only waits for `sinfo` to show the nodes. A changed
+# slurm.conf (e.g. the former single-node layout) restarts slurmctld and the slurmds.
 set -euo pipefail
 D="${NEMO_AUTOMODEL_SLURM_DIR:-/var/tmp/nemo-automodel-ci/slurm}"
 export SLURM_CONF="$D/slurm.conf"
 DB_PORT="${NEMO_AUTOMODEL_SLURM_DB_PORT:-3307}"
+NODES=(n1 n2)                                        # node i (0-based) listens on SLURMD_PORT0 + i + 1
+SLURMD_PORT0="${NEMO_AUTOMODEL_SLURMD_PORT:-17820}"
 log() { echo "[slurm-up] $*" >&2; }
 
 # running and not a zombie (without an init that reaps, a stopped daemon can linger as one)
 alive() { local p; p=$(cat "$D/$1.pid" 2>/dev/null) && [[ -n "$p" ]] && ps -o stat= -p "$p" 2>/dev/null | grep -qv '^Z'; }
+stop() {  # stop NAME: the daemon whose pid is in $D/NAME.pid, if alive
+  if alive "$1"; then
+    kill "$(cat "$D/$1.pid")"
+    for ((i = 0; i < 100; i++)); do alive "$1" || break; sleep 0.2; done
+    log "stopped $1"
+  fi
+}
+SLURMDS=("${NODES[@]/#/slurmd-}" slurmd)  # slurmd: the single node of the former layout
 
 if [[ "${1:-}" == down ]]; then
-  for d in slurmd slurmctld slurmdbd mariadb; do
-    if alive "$d"; then
-      kill "$(cat "$D/$d.pid")"
-      for ((i = 0; i < 100; i++)); do alive "$d" || break; sleep 0.2; done
-      log "stopped $d"
-    fi
-  done
+  for d in "${SLURMDS[@]}" slurmctld slurmdbd mariadb; do stop "$d"; done
   exit 0
 fi
 
@@ -37,23 +47,30 @@ if ((${#need[@]})); then
     || { apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client slurmdbd mariadb-server >/dev/null; }
 fi
 
-mkdir -p "$D"/{state,spool,log,gres}
+mkdir -p "$D"/{state,log,gres} "${NODES[@]/#/$D/spool/}"
 touch "$D/gres/nvidia0" "$D/gres/nvidia1"   # fake GPU device files: lets --gpus-per-node be scheduled
-mem_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 2048))
+mem_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 2048))  # per node: half the machine's memory
 
-cat >"$D/slurm.conf" <<EOF
+# cred_expire=20: a requeued job may start again 21 s after its requeue (Slurm's default waits 121 s)
+node_lines=""
+for i in "${!NODES[@]}"; do
+  node_lines+="NodeName=${NODES[i]} NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((SLURMD_PORT0 + i + 1))"
+  node_lines+=" CPUs=4 RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN"$'\n'
+done
+cat >"$D/slurm.conf.new" <<EOF
 ClusterName=localcluster
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
+AuthInfo=cred_expire=20
 StateSaveLocation=$D/state
-SlurmdSpoolDir=$D/spool
+SlurmdSpoolDir=$D/spool/%n
 SlurmctldPidFile=$D/slurmctld.pid
-SlurmdPidFile=$D/slurmd.pid
+SlurmdPidFile=$D/slurmd-%n.pid
 SlurmctldLogFile=$D/log/slurmctld.log
-SlurmdLogFile=$D/log/slurmd.log
+SlurmdLogFile=$D/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -66,9 +83,13 @@ ReturnToService=2
 EnforcePartLimits=ALL
 SlurmdParameters=config_overrides
 GresTypes=gpu
-NodeName=localhost CPUs=4 RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 EOF
+if ! cmp -s "$D/slurm.conf.new" "$D/slurm.conf"; then  # a new layout: the daemons of the old one restart
+  for d in "${SLURMDS[@]}" slurmctld; do alive "$d" && log "slurm.conf changed: restarting $d"; stop "$d"; done
+  rm -f "$D"/state/node_state*
+fi
+mv "$D/slurm.conf.new" "$D/slurm.conf"
 echo "Name=gpu File=$D/gres/nvidia[0-1]" >"$D/gres.conf"
 cat >"$D/slurmdbd.conf" <<EOF
 AuthType=auth/none
@@ -113,12 +134,15 @@ if ! alive slurmctld; then
   echo $! >"$D/slurmctld.pid"
   wait_for 30 slurmctld scontrol ping
 fi
-if ! alive slurmd; then
-  log "starting slurmd"
-  setsid slurmd -D -N localhost </dev/null >>"$D/log/slurmd.out" 2>&1 &
-  echo $! >"$D/slurmd.pid"
-fi
-node_up() { sinfo -h -N -o '%T' | grep -qE '^(idle|mixed|allocated)'; }
-wait_for 30 "node idle" node_up || { scontrol update nodename=localhost state=resume || true; wait_for 15 "node idle" node_up; }
+for n in "${NODES[@]}"; do
+  if ! alive "slurmd-$n"; then
+    log "starting slurmd $n"
+    setsid slurmd -D -N "$n" </dev/null >>"$D/log/slurmd-$n.out" 2>&1 &
+    echo $! >"$D/slurmd-$n.pid"
+  fi
+done
+nodes_up() { (($(sinfo -h -N -o '%T' | grep -cE '^(idle|mixed|allocated)$') == ${#NODES[@]})); }
+wait_for 30 "${#NODES[@]} nodes up" nodes_up \
+  || { scontrol update nodename="$(IFS=,; echo "${NODES[*]}")" state=resume || true; wait_for 15 "nodes up" nodes_up; }
 wait_for 30 "sacct (slurmdbd registration)" sacct -n -X -S now-1minute
 log "up: SLURM_CONF=$SLURM_CONF ($(sinfo -h -o '%P %D %T %C'))"

@@ -15,6 +15,20 @@ from nemo_automodel.launch.job_env import job_env, resolve_launcher, venv_bin
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
 _PLAIN = re.compile(r"^[A-Za-z0-9_.,+-]+$")  # sbatch values that also land in shell lines (log paths)
+#: Shell lines run after NeMo-Run's sbatch header set ``head_node_ip`` (``hostname --ip-address`` on the first
+#: node): a multi-node torchrun rendezvous takes the head node's Slurm NodeAddr instead, the address slurmctld
+#: itself reaches that node at. ``hostname --ip-address`` can name a loopback address (Debian maps the host name
+#: to 127.0.1.1) or several, and node names need not resolve; the NodeAddr is reachable by construction.
+HEAD_NODE_ADDR = ("head_node_addr=$(scontrol show node -o \"$head_node\" | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p')\n"
+                  'if [ -n "$head_node_addr" ]; then head_node_ip=$head_node_addr; fi')
+
+
+def requeue_on_failure(max_requeues: int) -> str:
+    """A batch-script line: on a non-zero exit, ``scontrol requeue`` this job unless it already ran
+    ``max_requeues`` times again (``SLURM_RESTART_COUNT``); Slurm itself requeues only on node failure."""
+    return (f"trap 'rc=$?; if [ \"$rc\" -ne 0 ] && [ \"${{SLURM_RESTART_COUNT:-0}}\" -lt {max_requeues} ]; then "
+            f"echo \"job $SLURM_JOB_ID ended with exit $rc: requeued (restart $((${{SLURM_RESTART_COUNT:-0}} + 1)) "
+            f"of at most {max_requeues})\"; scontrol requeue \"$SLURM_JOB_ID\"; fi' EXIT")
 
 
 def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1, ntasks_per_node: Optional[int] = None,
@@ -24,7 +38,8 @@ def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1
           identity: Optional[str] = None, packager: Union[str, run.Packager] = "none", python_bin: Optional[str] = None,
           env_vars: Optional[dict[str, str]] = None, setup_lines: Optional[str] = None, qos: Optional[str] = None,
           exclusive: Optional[bool] = None, job_name_prefix: Optional[str] = None,
-          additional_parameters: Optional[dict[str, Any]] = None) -> run.SlurmExecutor:
+          additional_parameters: Optional[dict[str, Any]] = None, requeue: bool = False,
+          max_requeues: int = 3) -> run.SlurmExecutor:
     """A `run.SlurmExecutor`.
 
     Args:
@@ -46,8 +61,14 @@ def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1
         python_bin: the ``bin`` folder, on the cluster, of a Python with nemo_run and this package;
             it leads ``PATH``. Defaults to this venv's (right for a shared filesystem).
         env_vars: extra environment variables; ``setup_lines``: shell lines run before the job
-            (``module load …``, ``source …/activate``).
+            (``module load …``, ``source …/activate``). A multi-node torchrun job's rendezvous runs on the
+            first node of the allocation, at its Slurm ``NodeAddr`` (`HEAD_NODE_ADDR`).
         exclusive, job_name_prefix, additional_parameters: more ``sbatch`` options.
+        requeue: ``sbatch --requeue`` (Slurm requeues the job when a node fails or it is preempted), and a job
+            that ends non-zero (a rank killed, a node lost, exit 75 after a preemption checkpoint) is requeued by
+            its own batch script, at most ``max_requeues`` times; the run resumes from its last verified
+            checkpoint (``AutoResume``). Each attempt's tasks log to ``log-…_<attempt>.out``. Slurm starts a requeued
+            job only after the credential lifetime (``AuthInfo=cred_expire``, 120 s by default).
     """
     for field, value in (("nodes", nodes), ("ntasks_per_node", ntasks_per_node), ("gpus_per_node", gpus_per_node)):
         check_int(field, value, allow_none=True)
@@ -58,6 +79,7 @@ def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1
     for key, value in (additional_parameters or {}).items():
         if "\n" in f"{key}{value}":
             raise bad_value(f"additional_parameters[{key!r}]", value, "no newlines")
+    check_int("max_requeues", max_requeues, minimum=0)
     if not _TIME.match(time):
         raise bad_value("time", time, "use [D-]HH:MM:SS, e.g. '00:30:00' or '1-00:00:00'")
     ntasks = ntasks_per_node or gpus_per_node or 1
@@ -86,6 +108,11 @@ def slurm(account: str = "root", partition: Optional[str] = None, nodes: int = 1
     env = {k: shlex.quote(v) for k, v in job_env(env_vars).items()}
     if python_bin or tunnel == "ssh":
         env["PATH"] = shlex.quote(python_bin or venv_bin()) + ':"$PATH"'  # $PATH of the cluster node
+    if launcher == "torchrun" and nodes > 1:
+        setup_lines = HEAD_NODE_ADDR + (f"\n{setup_lines}" if setup_lines else "")
+    if requeue:
+        setup_lines = requeue_on_failure(max_requeues) + (f"\n{setup_lines}" if setup_lines else "")
+        additional_parameters = {"requeue": True, **(additional_parameters or {})}
     return run.SlurmExecutor(account=account, partition=partition, nodes=nodes, ntasks_per_node=ntasks,
                              gpus_per_node=gpus_per_node, time=time, mem=mem, launcher=launcher,
                              container_image=container_image, container_mounts=list(container_mounts or []),

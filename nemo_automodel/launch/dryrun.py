@@ -5,6 +5,10 @@ All three are read from the graph and the executor; nothing is built, and nothin
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Mapping
+
 import nemo_run as run
 
 from nemo_automodel.errors import ConfigError
@@ -50,3 +54,35 @@ def plan_report(task: run.Partial, gpus: int | None = None) -> str:
         return f"memory plan: not estimated ({root_cause(err)})"
     except Exception as err:  # a planner failure must not fail the dryrun
         return f"memory plan: not estimated ({type(err).__name__}: {root_cause(err)})"
+
+
+def _slurm_node_names(nodelist: str) -> list[str]:
+    proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    return proc.stdout.split() if proc.returncode == 0 else []
+
+
+def _node_addr(node: str) -> str | None:
+    proc = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30)
+    fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
+    return fields.get("NodeAddr") if proc.returncode == 0 else None
+
+
+def allocation_report(executor: run.Executor | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Inside a Slurm allocation (``salloc -N2``, or a job), a Slurm launch's real nodes: ``inside Slurm allocation
+    12: nodes n1, n2; torchrun rendezvous on n1 at 127.0.0.1:29500 (its NodeAddr)``. None elsewhere."""
+    nodelist = environ.get("SLURM_JOB_NODELIST")
+    if not isinstance(executor, run.SlurmExecutor) or not nodelist:
+        return None
+    try:
+        nodes = _slurm_node_names(nodelist)
+    except (OSError, subprocess.SubprocessError) as err:  # no scontrol here: say so, never fail the dry run
+        return f"inside Slurm allocation {environ.get('SLURM_JOB_ID', '?')}: node names unknown ({err})"
+    line = f"inside Slurm allocation {environ.get('SLURM_JOB_ID', '?')}: nodes {', '.join(nodes) or nodelist}"
+    wanted = int(executor.nodes or 1)
+    if nodes and len(nodes) < wanted:
+        line += f" (the job asks {wanted} nodes: more than this allocation holds)"
+    if executor.launcher is not None and wanted > 1 and nodes:
+        port = getattr(executor.get_launcher(), "rdzv_port", 29500)
+        addr = _node_addr(nodes[0])
+        line += f"; torchrun rendezvous on {nodes[0]}" + (f" at {addr}:{port} (its NodeAddr)" if addr else "")
+    return line

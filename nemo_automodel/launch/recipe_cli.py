@@ -157,6 +157,9 @@ class AutoModelRunContext(RunContext):
             world, per_node = dryrun.processes(tasks[0][1], self.executor)
             print(dryrun.mesh_report(tasks[0][1], world, per_node))
             print(dryrun.plan_report(tasks[0][1], world))
+            allocation = dryrun.allocation_report(self.executor)
+            if allocation:
+                print(allocation)
         if self.executor is not None:
             self._experiment(tasks, is_sweep).dryrun()
 

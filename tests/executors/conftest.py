@@ -39,10 +39,20 @@ def _engine_up(script: str, binaries: tuple[str, ...], env: dict[str, str]) -> N
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Path:
-    """A single-node Slurm cluster with accounting on localhost; sets SLURM_CONF for clients."""
+    """The local Slurm cluster with accounting (nodes n1, n2 on this machine); sets SLURM_CONF for clients."""
     _engine_up("slurm-up.sh", ("slurmctld", "slurmd", "sbatch", "slurmdbd", "mariadbd"), {})
     os.environ["SLURM_CONF"] = str(SLURM_CONF)
     return SLURM_CONF
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(slurm_cluster) -> list[str]:
+    """The cluster's two nodes (n1, n2: two slurmd daemons on this machine, NodeAddr 127.0.0.1), both up."""
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True)
+    up = [line.split()[0] for line in proc.stdout.splitlines() if line.split()[1] in ("idle", "mixed", "allocated")]
+    if len(up) < 2:
+        unavailable(f"the local Slurm cluster has {len(up)} node(s) up, not 2: run .ci/slurm-up.sh ({proc.stdout!r})")
+    return up
 
 
 @pytest.fixture(scope="session")
