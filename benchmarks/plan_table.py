@@ -1,7 +1,9 @@
-"""The memory planner's answers for Llama-3-8B, Qwen2.5-7B and Llama-3-70B on 1 and 8 GPUs of 80 GiB.
+"""The memory planner's answers for Llama-3-8B, Qwen2.5-7B, Llama-3-70B and the mixture-of-experts
+Qwen3-30B-A3B on 1 and 8 GPUs of 80 GiB.
 
 The configs are written out from the models' published ``config.json`` values (nothing is
-downloaded); their parameter counts are checked against the published ones. Every job: sequence
+downloaded); their parameter counts are checked against the published ones (Qwen3-30B-A3B: its model
+card's "30.5B", to the digit given). Every job: sequence
 4096, micro batch 1, bf16 (LoRA / QLoRA: ``bf16-true``, a bf16 base with fp32 adapters; full
 fine-tuning: ``bf16-mixed``, fp32 master weights), activation checkpointing and the chunked loss
 off as given; on 8 GPUs FSDP2 (QLoRA: DDP, a 4-bit base is not FSDP2-shardable). Each row gives
@@ -24,8 +26,8 @@ GPU_MEMORY = "80GiB"
 SEQ = 4096
 
 
-def configs() -> dict[str, tuple[object, int]]:
-    """name -> (transformers config, published parameter count)."""
+def configs() -> dict[str, tuple[object, int | str]]:
+    """name -> (transformers config, published parameter count: exact, or as a model card rounds it, "30.5B")."""
     import transformers
 
     llama3 = dict(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -44,7 +46,24 @@ def configs() -> dict[str, tuple[object, int]]:
         "Llama-3-70B": (transformers.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                                  num_attention_heads=64, num_key_value_heads=8, **llama3),
                         70_553_706_496),
+        # 48 layers of 128 routed experts (8 per token, moe_intermediate_size 768), no shared expert
+        "Qwen3-30B-A3B": (transformers.Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+            num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001,
+            max_position_embeddings=40960, max_window_layers=48, rope_theta=1000000.0, rms_norm_eps=1e-6,
+            attention_bias=False, tie_word_embeddings=False, use_sliding_window=False, sliding_window=None,
+            bos_token_id=151643, eos_token_id=151645, architectures=["Qwen3MoeForCausalLM"]), "30.5B"),
     }
+
+
+def matches_published(params: int, published: int | str) -> bool:
+    """Whether a parameter count is the published one: exactly, or to the digits of a rounded "30.5B"."""
+    if isinstance(published, int):
+        return params == published
+    digits = published.removesuffix("B")
+    decimals = len(digits.partition(".")[2])
+    return f"{params / 1e9:.{decimals}f}" == digits
 
 
 METHODS = {"LoRA": dict(peft="lora", precision="bf16-true"),
@@ -65,8 +84,8 @@ def table() -> str:
                 result = plan_memory(config, gpu_memory=GPU_MEMORY, seq_length=SEQ, micro_batch_size=1, devices=gpus,
                                      strategy=strategy, **kwargs)
                 est = result.estimate
-                if est.params != published:
-                    raise SystemExit(f"{name}: {est.params:,} parameters, published {published:,}")
+                if not matches_published(est.params, published):
+                    raise SystemExit(f"{name}: {est.params:,} parameters, published {published}")
                 if result.fits:
                     verdict, advice = "fits", "—"
                 elif result.advice and result.advice.result is not None:

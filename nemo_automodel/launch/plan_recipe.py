@@ -77,6 +77,11 @@ def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int 
     micro = int(_arg(data, "micro_batch_size", 1))
     devices = gpus or int(_arg(trainer, "devices", 1)) * int(_arg(trainer, "num_nodes", 1))
     sizes = strategy_sizes(trainer)
+    strategy_node = _arg(trainer, "strategy")
+    experts = int(_arg(strategy_node, "expert_parallel_size", 1)) if isinstance(strategy_node, fdl.Buildable) else 1
+    if experts > 1:
+        raise ConfigError(f"expert_parallel_size={experts} is not modelled (the planner sizes experts sharded by "
+                          "FSDP2 alone, not the all-to-all dispatch)")
     replicas = max(1, devices // (sizes["tensor_parallel"] * sizes["context_parallel"]))
     global_batch = _arg(data, "global_batch_size")
     accumulate = (max(1, global_batch // (micro * replicas)) if global_batch else
@@ -102,6 +107,7 @@ def job_from_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int 
         accumulate=accumulate,
         device=device,
         trust_remote_code=bool(_arg(model, "trust_remote_code", False)),
+        router_aux_loss_coef=_arg(model, "router_aux_loss_coef"),
         **sizes,
     )
 

@@ -16,6 +16,15 @@ It works from the Hugging Face config alone. The accounting, per device, at the 
   loss tensors are those of the real step, for any architecture transformers can run on meta.
   Attention is given the memory of the kernel the real run uses (flash / memory-efficient on a
   GPU; on a CPU what its dispatcher picks), not meta's math fallback; autocast is emulated.
+  Mixture-of-experts layers run transformers' default experts kernel (``grouped_mm``: the tokens
+  sorted by expert, each token once per routed expert, top-k rows in all), so the routed tokens'
+  activations, the sort/scatter buffers, the router logits and the router load-balancing loss
+  (``HFAutoModelForCausalLM`` adds it for a family with a router; ``router_aux_loss_coef=0`` drops
+  it) are the real step's; LoRA on the fused experts (peft's ``target_parameters``) folds its
+  factors into a per-layer copy of the expert weights, as peft does. Mamba / hybrid layers run
+  transformers' PyTorch chunked scan (what runs without the mamba-ssm kernels: a GPU with them keeps
+  less, a note says so), so their scan states and intermediate tensors are counted, not attention;
+  packed rows on them are refused as the trainer refuses them.
   When all decoder layers are identical, three are rehearsed and the timeline is extended to all
   of them (the extra layers' activations stay alive from the top layer's forward to its backward,
   their gradients accumulate in the lower layers' backward); the result equals rehearsing all.
@@ -60,7 +69,9 @@ It works from the Hugging Face config alone. The accounting, per device, at the 
 
 Checked against real CPU training steps in ``tests/plan/test_plan_vs_measured.py`` (peak RSS
 growth; 3 architectures x LoRA/full x checkpointing x 2 sequence lengths, plus bf16 autocast,
-bf16-true and a 4-bit base): within 3.5 % of every measurement, the test's bound is 15 %.
+bf16-true and a 4-bit base; Qwen3-MoE, Mixtral, DeepSeek-V3, Mamba2 and Nemotron-H): within 5 % of
+every measurement, the test's bound is 15 %. Not modelled: expert parallelism (its all-to-all
+dispatch buffers and the experts' split over ranks).
 
 ``Job`` was renamed ``TrainingJob``; the old name still imports, with a DeprecationWarning.
 """

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 
 from nemo_automodel.contracts import PeftMethod
+from nemo_automodel.errors import ConfigError
 from nemo_automodel.models.chunked_ce import lean_head_unsupported
 from nemo_automodel.models.hf_loading import load_config
+from nemo_automodel.models.router_aux import router_aux_coef
 from nemo_automodel.parallel.context_parallel import padded_length
 from nemo_automodel.plan.job import TrainingJob
 from nemo_automodel.plan.meta_model import (
@@ -87,6 +89,11 @@ def _peft_key(peft: PeftMethod | None) -> str:
     return "" if peft is None else f"{type(peft).__qualname__}{json.dumps(vars(peft), sort_keys=True, default=str)}"
 
 
+def state_space(module: torch.nn.Module) -> bool:
+    """Whether the model has state-space (Mamba) layers, as ``HFAutoModelForCausalLM`` tells them."""
+    return any("mamba" in type(m).__name__.lower() for m in module.modules())
+
+
 def _rehearsal_dtypes(job: TrainingJob) -> tuple[torch.dtype, torch.dtype | None]:
     """(dtype the model computes in during the step, autocast dtype to emulate)."""
     if job.precision != "bf16-mixed" or job.weight_dtype != torch.float32:
@@ -116,6 +123,13 @@ def _rehearse(job: TrainingJob, config) -> _Rehearsed:
     if job.tensor_parallel > 1:
         shard_tensor_parallel(model, job.tensor_parallel, job.tp_plan)
     notes = []
+    if state_space(model.module):
+        if job.packed:  # HFAutoModelForCausalLM.loss refuses the same
+            raise ConfigError(f"{type(full.module).__name__} has state-space (Mamba) layers, which carry their state "
+                              "from one packed sample into the next: set the data module's packed_sequence_size=0")
+        if job.device == "cuda":
+            notes.append("Mamba layers are rehearsed with transformers' PyTorch scan (what runs without mamba-ssm); "
+                         "mamba-ssm's fused kernels keep less")
     chunked = job.chunked_loss
     why = lean_head_unsupported(model.module) if chunked else None
     if why:
@@ -124,7 +138,8 @@ def _rehearse(job: TrainingJob, config) -> _Rehearsed:
     timeline = rehearse_step(model.module, model.blocks, micro_batch_size=job.micro_batch_size,
                              seq_length=local_seq_length(job), packed=job.packed, chunked_loss=chunked,
                              kernels=job.device, autocast=autocast,
-                             four_bit=job.quant_compute_dtype if job.quantization else None)
+                             four_bit=job.quant_compute_dtype if job.quantization else None,
+                             router_aux=router_aux_coef(config, job.router_aux_loss_coef), total_layers=layers)
     return _Rehearsed(timeline.extended(layers), parameters_of(model, total_layers=layers), counts,
                       type(full.module).__name__, tuple(notes))
 
@@ -169,7 +184,8 @@ def estimate(job: TrainingJob) -> MemoryEstimate:
     config = load_config(job.model, job.trust_remote_code, local_files_only=True, field="model")
     key = ("rehearsal", _config_key(config), _peft_key(job.peft), *_rehearsal_dtypes(job), job.activation_checkpointing,
            job.chunked_loss, job.micro_batch_size, local_seq_length(job), job.packed, job.device,
-           job.quantization and job.quant_compute_dtype, job.tensor_parallel, json.dumps(job.tp_plan, sort_keys=True))
+           job.quantization and job.quant_compute_dtype, job.tensor_parallel, json.dumps(job.tp_plan, sort_keys=True),
+           job.router_aux_loss_coef)
     rehearsed: _Rehearsed = _cached(key, lambda: _rehearse(job, config))
     params, timeline = rehearsed.params, rehearsed.timeline
 

@@ -44,6 +44,8 @@ class TrainingJob:
         device: ``"cuda"`` (fused attention kernels, foreach AdamW, a CUDA context) or ``"cpu"``.
         tensor_parallel / context_parallel / tp_plan: ``FSDP2Strategy``'s ``tensor_parallel_size``,
             ``context_parallel_size`` (CUDA, unpacked rows) and ``tp_plan`` (None: the model's own).
+        router_aux_loss_coef: the model's ``router_aux_loss_coef`` (mixture-of-experts families: None
+            takes the config's, 0 leaves the router load-balancing loss out).
     """
 
     model: Any
@@ -64,6 +66,7 @@ class TrainingJob:
     tensor_parallel: int = 1
     context_parallel: int = 1
     tp_plan: dict[str, str] | None = None
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
         if str(self.precision) not in PRECISIONS:

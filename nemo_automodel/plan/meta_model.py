@@ -9,7 +9,9 @@ rank; ``parameters_of`` lists what the parameters are.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import warnings
 from dataclasses import dataclass
 from typing import Any, cast
@@ -19,6 +21,7 @@ import torch
 from nemo_automodel.contracts import PeftMethod
 from nemo_automodel.errors import ConfigError, first_line
 from nemo_automodel.models.chunked_ce import output_layer
+from nemo_automodel.models.hf_loading import ATTN_FALLBACKS
 from nemo_automodel.models.layers import decoder_layers, enable_activation_checkpointing
 
 
@@ -46,6 +49,11 @@ def _truncated(config, layers: int | None):
     return config
 
 
+def _about_attention(err: Exception) -> bool:
+    """Whether a load error is about the attention kernel (the real load then tries the next one)."""
+    return isinstance(err, (ValueError, ImportError)) and any(w in str(err).lower() for w in ("attn", "attention"))
+
+
 def build_meta_model(config, dtype: torch.dtype, peft: PeftMethod | None = None, activation_checkpointing: bool = False,
                      layers: int | None = None, trust_remote_code: bool = False) -> MetaModel:
     """Build ``config``'s causal LM on the meta device in ``dtype``, with ``layers`` decoder layers
@@ -53,19 +61,26 @@ def build_meta_model(config, dtype: torch.dtype, peft: PeftMethod | None = None,
     import transformers
 
     config = _truncated(config, layers)
-    try:
-        with torch.device("meta"):
-            module = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise ConfigError(f"cannot estimate the memory of {architecture(config)}: transformers cannot build it as a "
-                          f"causal LM with sdpa attention ({first_line(err)})") from None
+    module = None
+    for attn in ATTN_FALLBACKS:  # sdpa, else eager: the attention the real load falls back to (hf_loading)
+        try:
+            with torch.device("meta"):
+                module = transformers.AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+            break
+        except Exception as err:
+            if attn == ATTN_FALLBACKS[-1] or not _about_attention(err):
+                raise ConfigError(f"cannot estimate the memory of {architecture(config)}: transformers cannot build "
+                                  f"it as a causal LM with {attn} attention ({first_line(err)})") from None
+    assert module is not None
     module.config.use_cache = False
     module.train()
     if activation_checkpointing:
         enable_activation_checkpointing(module)
     if peft is not None:
-        with torch.device("meta"), warnings.catch_warnings():  # adapters are created (and initialised) on meta
+        # adapters are created (and initialised) on meta; the "LoRA r=… on …" summary is the trainer's to print,
+        # not each rehearsal's (a plan builds the model several times)
+        with torch.device("meta"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes, seen by peft
             module = peft.apply(module)
         module.train()

@@ -20,8 +20,13 @@ What the meta device would do differently from the real run is corrected for:
   those tensors (a boolean mask is first turned into a float one, as ``F.scaled_dot_product_attention``
   does), or left on the math path where the CPU would take it too;
 - data-dependent mask checks: transformers looks at the position ids for packed sequences
-  (``.all()`` on a tensor, impossible on meta). Unpacked rows are declared unpacked; packed rows
-  get the block-diagonal ``[b, 1, s, s]`` boolean mask transformers builds for them;
+  (``.all()`` on a tensor, impossible on meta). Unpacked rows are declared unpacked; for packed rows
+  the sequence indices are computed without the check, and transformers builds its block-diagonal
+  mask from them as in the real run (the model's own attention mask stays None, as ours does);
+- ``_grouped_mm`` (the experts' default kernel in transformers) has a meta function for bf16 only;
+  other dtypes are shaped through it and handed back in their own dtype (``_on_meta``);
+- ``torch.autocast`` raises on meta; peft's fused-experts LoRA disables it around its fold, which is
+  a no-op there;
 - autocast, which has no meta implementation: ``bf16-mixed`` over fp32 weights is emulated by
   casting the inputs, weights and bias of every ``nn.Linear`` and the q/k/v of attention to the
   autocast dtype, what autocast does for those ops (each cast is a new tensor that backward keeps);
@@ -48,7 +53,9 @@ from torch.utils._pytree import tree_leaves
 
 from nemo_automodel.errors import ConfigError, first_line
 from nemo_automodel.models.chunked_ce import fused_lm_head_loss, output_layer
+from nemo_automodel.models.hf_parallel import hf_model
 from nemo_automodel.models.loss import masked_cross_entropy
+from nemo_automodel.models.router_aux import router_aux_loss
 
 ACTIVATIONS, LOGITS, BLOCK_GRADS, OTHER_GRADS = range(4)
 # where in the step an allocation happens: before the layers, forward of a lower / the top layer,
@@ -57,6 +64,7 @@ ACTIVATIONS, LOGITS, BLOCK_GRADS, OTHER_GRADS = range(4)
 PRE, FWD_LOWER, FWD_TOP, HEAD, BWD_TOP, BWD_LOWER = range(6)
 _SDPA = F.scaled_dot_product_attention
 _FLASH_ATTENTION = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
+_GROUPED_MM = torch.ops.aten._grouped_mm.default
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ class _LiveBytes(TorchDispatchMode):
         self._live: dict[int, list[int]] = {t.untyped_storage()._cdata: [0, ACTIVATIONS] for t in known}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = _on_meta(func, args, kwargs or {})
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._add(t)
@@ -146,6 +154,26 @@ class _LiveBytes(TorchDispatchMode):
 
 
 # -- what the meta device would do differently --------------------------------------------------
+def _on_meta(func, args: tuple, kwargs: dict) -> Any:
+    """Run an aten op on meta tensors as the real device would.
+
+    ``_grouped_mm``, the kernel of transformers' default experts implementation (``grouped_mm``: the
+    tokens sorted by expert, one matmul over the jagged groups), has a meta function that accepts
+    bf16 only (the CUDA kernel's rule), while the CPU kernel runs fp32 too: a fp32 MoE step could not
+    be rehearsed ("Expected inputs of BF16 type"). Its output is shaped in bf16 and handed back in the
+    op's own dtype, so the rehearsal keeps the real implementation's tensors: the routed tokens
+    (tokens x top-k rows) through each projection and their gradients. ``experts_implementation="eager"``
+    would run on meta too, but loops over experts with other temporaries than the real run has.
+    """
+    if func is _GROUPED_MM and args[0].device.type == "meta" and args[0].dtype != torch.bfloat16:
+        dtype = kwargs.get("out_dtype") or args[0].dtype
+        cast = [t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+        shaped = func(*cast, **{k: (v.to(torch.bfloat16) if k == "bias" and v is not None else v)
+                                for k, v in kwargs.items() if k != "out_dtype"})
+        return torch.empty_strided(shaped.shape, shaped.stride(), dtype=dtype, device="meta")
+    return func(*args, **kwargs)
+
+
 def _to(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
     return t.to(dtype) if t is not None and dtype is not None and t.is_floating_point() else t
 
@@ -154,6 +182,9 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     """The memory behaviour of flash / memory-efficient attention on meta tensors."""
     if attn_mask is not None and attn_mask.dtype == torch.bool:  # as F.scaled_dot_product_attention does
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)
+    if v.shape[-1] != q.shape[-1]:  # flash needs one head size; memory-efficient attention keeps v's (e.g. MLA)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
@@ -183,21 +214,38 @@ def _attention(kernels: str, autocast: torch.dtype | None) -> Callable:
     return sdpa
 
 
+def _meta_autocast(autocast: Callable) -> Callable:
+    """``torch.autocast`` that is a no-op on meta (which has no autocast: asking for its dtype raises). peft
+    folds LoRA factors into fused expert weights under ``torch.autocast(W.device.type, enabled=False)``;
+    the emulated autocast (``emulate_autocast``) does not depend on it."""
+    def make(device_type: str, *args: Any, **kwargs: Any) -> Any:
+        return contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *args, **kwargs)
+    return make
+
+
+def _packed_indices(position_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' ``find_packed_sequence_indices`` without its data-dependent "no packing" check."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
 @contextlib.contextmanager
-def _meta_semantics(kernels: str, autocast: torch.dtype | None) -> Iterator[None]:
-    """Route attention to fused-kernel memory behaviour and skip transformers' packed-sequence probe."""
+def _meta_semantics(kernels: str, autocast: torch.dtype | None, packed: bool = False) -> Iterator[None]:
+    """Route attention to fused-kernel memory behaviour and answer transformers' packed-sequence probe."""
     import transformers.masking_utils as masking
 
-    saved = F.scaled_dot_product_attention, getattr(masking, "find_packed_sequence_indices", None)
+    saved = F.scaled_dot_product_attention, getattr(masking, "find_packed_sequence_indices", None), torch.autocast
     F.scaled_dot_product_attention = _attention(kernels, autocast)
-    if saved[1] is not None:  # rows are declared unpacked here; packed rows pass their own 4D mask
-        masking.find_packed_sequence_indices = lambda position_ids: None
+    if saved[1] is not None:
+        masking.find_packed_sequence_indices = _packed_indices if packed else lambda position_ids: None
+    torch.autocast = _meta_autocast(saved[2])  # type: ignore[misc,assignment]  # restored below
     try:
         yield
     finally:
         F.scaled_dot_product_attention = saved[0]
         if saved[1] is not None:
             masking.find_packed_sequence_indices = saved[1]
+        torch.autocast = saved[2]  # type: ignore[misc]
 
 
 def emulate_autocast(model: torch.nn.Module, dtype: torch.dtype, skip: AbstractSet[int] = frozenset()) -> None:
@@ -239,13 +287,36 @@ def emulate_4bit(model: torch.nn.Module, compute: torch.dtype, skip: torch.nn.Mo
 
 
 # -- the rehearsal --------------------------------------------------------------------------------
+def _loss(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor, loss_mask: torch.Tensor,
+          chunked: bool, router_aux: float, layers: int) -> torch.Tensor:
+    """The loss ``HFAutoModelForCausalLM.loss`` computes: masked cross-entropy (or the chunked loss) and, with
+    ``router_aux`` > 0, the router load-balancing term over every MoE layer's router logits (the model returns
+    them; the family's loss concatenates all of them and builds its one-hot expert masks at once). A model
+    rehearsed with fewer than its ``layers`` identical layers repeats the last layer's router logits for the
+    missing ones, so the term is the whole model's. The model's outputs die on return, as in the real call."""
+    extra = {"output_router_logits": True} if router_aux else {}
+    if chunked:
+        with fused_lm_head_loss(model, labels, loss_mask) as out:
+            outputs = model(**inputs, **extra)
+        loss = out["loss"]
+    else:
+        outputs = model(**inputs, **extra)
+        loss = masked_cross_entropy(outputs.logits, labels, loss_mask)
+    if router_aux:
+        router_logits = tuple(outputs.router_logits)
+        router_logits += router_logits[-1:] * max(0, layers - len(router_logits))
+        aux = router_aux_loss(hf_model(model), router_logits, {"input_ids": inputs["input_ids"]})
+        loss = loss + router_aux * aux * loss_mask.sum()
+    return loss
+
+
 def _first_tensor(value: Any) -> torch.Tensor | None:
     return next((t for t in tree_leaves(value) if isinstance(t, torch.Tensor)), None)
 
 
 def _model_name(model: torch.nn.Module) -> str:
     """The HF model's class name (a peft wrapper's base model)."""
-    return type(getattr(model, "get_base_model", lambda: model)()).__name__
+    return type(hf_model(model)).__name__
 
 
 def _watch(tracker: _LiveBytes, model: torch.nn.Module, blocks: list[torch.nn.Module],
@@ -289,14 +360,17 @@ def _watch(tracker: _LiveBytes, model: torch.nn.Module, blocks: list[torch.nn.Mo
 
 def rehearse_step(model: torch.nn.Module, blocks: list[torch.nn.Module], *, micro_batch_size: int,
                   seq_length: int, packed: bool = False, chunked_loss: bool = False, kernels: str = "cuda",
-                  autocast: torch.dtype | None = None, four_bit: torch.dtype | None = None) -> Timeline:
+                  autocast: torch.dtype | None = None, four_bit: torch.dtype | None = None,
+                  router_aux: float = 0.0, total_layers: int | None = None) -> Timeline:
     """Forward + loss + backward of one micro-batch of ``micro_batch_size`` rows x ``seq_length`` tokens
     on a meta-device ``model`` (in train mode, adapters and checkpointing already applied).
 
     ``blocks`` are the decoder layers (their parameters' gradients are counted apart); ``kernels``
     is ``"cuda"`` (flash / memory-efficient attention) or ``"cpu"`` (what the CPU dispatcher picks);
     ``autocast`` emulates bf16 autocast over the model's weights; ``four_bit`` a 4-bit base (frozen
-    linear layers but the output layer) computing in that dtype.
+    linear layers but the output layer) computing in that dtype; ``router_aux`` the coefficient of a
+    mixture-of-experts model's router load-balancing loss (0: none); ``total_layers`` the layers of the
+    whole model when ``blocks`` are fewer identical ones (the load-balancing loss then covers all of them).
     """
     b, s = micro_batch_size, seq_length
     ids = torch.zeros(b, s, dtype=torch.long, device="meta")
@@ -310,16 +384,12 @@ def rehearse_step(model: torch.nn.Module, blocks: list[torch.nn.Module], *, micr
     tracker = _LiveBytes([*model.parameters(), *model.buffers()])
     handles, act_at_start = _watch(tracker, model, blocks, head)
     try:
-        with _meta_semantics(kernels, autocast), tracker:
-            # packed rows: the block-diagonal mask transformers builds from the position ids
-            mask = torch.ones(b, 1, s, s, dtype=torch.bool, device="meta") if packed else None
-            inputs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-            if chunked_loss:
-                with fused_lm_head_loss(model, labels, loss_mask) as out:
-                    model(**inputs)
-                loss = out["loss"]
-            else:
-                loss = masked_cross_entropy(model(**inputs).logits, labels, loss_mask)
+        with _meta_semantics(kernels, autocast, packed), tracker:
+            # as HFAutoModelForCausalLM calls it: position ids, no attention mask (packed rows get theirs
+            # from the position ids)
+            positions = torch.arange(s, device="meta").expand(b, s)
+            loss = _loss(model, dict(input_ids=ids, position_ids=positions, use_cache=False), labels, loss_mask,
+                         chunked_loss, router_aux, total_layers or len(blocks))
             tracker.region, tracker.kind = HEAD, LOGITS
             loss.backward()
     except ConfigError:

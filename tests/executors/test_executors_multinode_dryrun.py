@@ -58,6 +58,7 @@ def test_expert_parallel_dryrun_shows_the_experts_view_of_the_mesh(tmp_path):
     assert "expert_parallel_size=8" in out  # the graph
     assert ("mesh (dp=16) over 16 ranks on 2 nodes x 8: dp groups across nodes; experts (efsdp=2, ep=8): "
             "ep groups within a node") in out
+    assert "memory plan: not estimated (expert_parallel_size=8 is not modelled" in out  # said, not planned wrong
 
 
 def test_a_mesh_that_does_not_fit_the_launch_is_named(tmp_path, model_dir):

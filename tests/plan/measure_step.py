@@ -11,12 +11,16 @@ thread pools, and AdamW's state, which every later step finds in place), then on
 ``seq`` tokens. A thread samples the resident anonymous memory (``RssAnon``) every millisecond;
 the peak minus the value just before the step is printed as ``RESULT {json}``. With
 ``MALLOC_MMAP_THRESHOLD_`` fixed, glibc serves every block above 64 KiB with its own mapping and
-returns it on free, so the resident size follows the live tensors. A first, unreported step on
-256 tokens takes the process's one-time allocations out of the first case.
+returns it on free, so the resident size follows the live tensors; before the step the heap's free
+pages are trimmed, so smaller blocks count too rather than reusing an earlier case's. A first,
+unreported step on 256 tokens takes the process's one-time allocations out of the first case.
+The architectures: Llama, Qwen2, Gemma at hidden size 384, and the mixture-of-experts and
+Mamba/hybrid families of ``tests/conftest.py`` (``TINY_FAMILIES``) with a 512-token vocabulary.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import inspect
 import json
@@ -42,7 +46,16 @@ def config(arch: str):
         return transformers.Qwen2Config(tie_word_embeddings=True, **common)
     if arch == "gemma":
         return transformers.GemmaConfig(head_dim=64, **common)
-    raise ValueError(arch)
+    from tests.conftest import TINY_FAMILIES  # mixture-of-experts and Mamba/hybrid families
+
+    return TINY_FAMILIES[arch](512)  # a small vocabulary: the layers, not the logits, dominate the step
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back (glibc ``malloc_trim``): blocks under the mmap threshold (router
+    logits, index vectors of a small model) then need new pages, as they would on an empty allocator,
+    instead of reusing what earlier cases freed."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _rss_anon() -> int:
@@ -112,6 +125,7 @@ def measure(arch: str, lora: bool, ckpt: bool, seq: int, folder: Path, precision
 
     step({k: v[:, :64] for k, v in batch.items()})  # warm-up: kernels, thread pools, AdamW's state
     gc.collect()
+    _trim_heap()
     start = time.perf_counter()
     before = _rss_anon()
     with _Peak() as peak:

@@ -1,13 +1,16 @@
 """The planner's prediction against the measured peak memory of real CPU training steps.
 
 3 architectures (Llama, Qwen2 with tied embeddings, Gemma) x {LoRA, full} x {activation
-checkpointing off, on} x sequence {1024, 2048} in fp32, and three more precisions on Llama (bf16
-autocast, bf16-true, QLoRA's 4-bit base): 27 steps, measured one after another in one fresh worker
-process (``measure_step.py``: peak ``RssAnon`` growth over one steady-state training step
-through our model wrapper, loss, clipping and AdamW, with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed
-tensors go back to the OS). The prediction is the planner's total for a CPU process minus what
-the worker already held before the step: the weights and AdamW's state (created by its warm-up
-step). Every case must be within 15 %; the table is printed (``-s``) and is in any failure.
+checkpointing off, on} x sequence {1024, 2048} in fp32, three more precisions on Llama (bf16
+autocast, bf16-true, QLoRA's 4-bit base), and six steps of the mixture-of-experts and Mamba/hybrid
+families (Qwen3-MoE LoRA on attention and fused experts / full with checkpointing, Mixtral,
+DeepSeek-V3 with MLA, Mamba2, Nemotron-H with LoRA; the router load-balancing loss on): 33 steps,
+measured one after another (the small MoE/Mamba steps first) in one fresh worker process
+(``measure_step.py``: peak ``RssAnon`` growth over one steady-state training step through our
+model wrapper, loss, clipping and AdamW, with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go
+back to the OS). The prediction is the planner's total for a CPU process minus what the worker
+already held before the step: the weights and AdamW's state (created by its warm-up step). Every
+case must be within 15 %; the table is printed (``-s``) and is in any failure.
 """
 
 from __future__ import annotations
@@ -28,8 +31,16 @@ from tests.plan.measure_step import LORA, config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-CASES = [dict(arch=arch, lora=lora, ckpt=ckpt, seq=seq) for arch in ("llama", "qwen2", "gemma")
-         for lora in (True, False) for ckpt in (False, True) for seq in (1024, 2048)]
+# mixture-of-experts and Mamba/hybrid families (tests/conftest.py TINY_FAMILIES, vocabulary 512), measured first:
+# their steps are small, so they go before the larger models have fragmented the heap. LoRA reaches the fused
+# experts; the router load-balancing loss is on (the configs' own coefficient).
+CASES = [dict(arch="qwen3_moe", lora=True, ckpt=False, seq=2048), dict(arch="qwen3_moe", lora=False, ckpt=True, seq=2048),
+         dict(arch="mixtral", lora=False, ckpt=False, seq=2048),
+         dict(arch="deepseek_v3", lora=False, ckpt=False, seq=1024),
+         dict(arch="mamba2", lora=False, ckpt=False, seq=2048),
+         dict(arch="nemotron_h", lora=True, ckpt=False, seq=2048)]
+CASES += [dict(arch=arch, lora=lora, ckpt=ckpt, seq=seq) for arch in ("llama", "qwen2", "gemma")
+          for lora in (True, False) for ckpt in (False, True) for seq in (1024, 2048)]
 CASES += [dict(arch="llama", lora=True, ckpt=False, seq=1024, precision="bf16-mixed"),
           dict(arch="llama", lora=False, ckpt=True, seq=1024, precision="bf16-true"),
           dict(arch="llama", lora=True, ckpt=False, seq=1024, precision="bf16-true", quantization="nf4")]
