@@ -13,6 +13,7 @@ from nemo_automodel.parallel.mesh import describe_mesh, expert_dims
 
 def test_the_experts_view_of_the_ranks():
     assert expert_dims(16, 8, 2) == {"efsdp": 2, "ep": 8}
+    assert expert_dims(8, 1, 4) == {"efsdp": 8, "ep": 1}  # no EP: nothing to check against TP
     assert describe_mesh({"dp": 8, "cp": 1, "tp": 2}, 8, expert_parallel_size=4) == (
         "mesh (dp=8, tp=2) over 16 ranks on 2 nodes x 8: tp groups within a node, dp groups across nodes; "
         "experts (efsdp=4, ep=4): ep groups within a node")

@@ -44,6 +44,8 @@ def expert_dims(world: int, expert_parallel_size: int, tensor_parallel_size: int
     group is E consecutive ranks that hold distinct experts (whole tp groups, so E must be a multiple of T), and
     the efsdp ranks hold the same experts, FSDP-sharded. One-line ConfigError when the sizes do not fit."""
     ep, tp = expert_parallel_size, tensor_parallel_size
+    if ep == 1:  # no expert parallel: every rank holds every expert (whatever TP does to the dense part)
+        return {"efsdp": world, "ep": 1}
     if world % ep:
         raise bad_value("expert_parallel_size", ep, f"must divide the number of processes ({world})")
     if ep % tp:
