@@ -138,8 +138,9 @@ class Strategy(Protocol):
     def dp_size(self) -> int:
         """The number of data-parallel replicas."""
 
-    def setup(self, accelerator: str = "auto") -> None:
-        """Join the launcher's process group and pick the device."""
+    def setup(self, accelerator: str = "auto", collective_timeout: float = 600.0) -> None:
+        """Join the launcher's process group and pick the device; a collective that waits longer than
+        ``collective_timeout`` seconds for a peer fails instead of hanging."""
 
     def wrap(self, model: TrainableModel, mixed_precision: torch.dtype | None = None) -> torch.nn.Module:
         """The module to train, from the configured ``model.model``: as is, DDP-wrapped or sharded (over the

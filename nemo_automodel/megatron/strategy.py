@@ -62,8 +62,8 @@ class MegatronStrategy(ProcessGroupStrategy):
         self.ddp = ddp
         self.dp_group = None  # Megatron's data-parallel group, once set up
 
-    def setup(self, accelerator: str = "auto") -> None:
-        super().setup(accelerator)
+    def setup(self, accelerator: str = "auto", collective_timeout: float = 600.0) -> None:
+        super().setup(accelerator, collective_timeout)
         unsupported = {k: v for k, v in (("pipeline_model_parallel_size", self.pipeline_model_parallel_size),
                                          ("context_parallel_size", self.context_parallel_size),
                                          ("sequence_parallel", self.sequence_parallel)) if v not in (1, False)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +39,12 @@ class ProcessGroupStrategy:
 
     def __init__(self) -> None:
         self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.collective_timeout = 600.0
         self.device = torch.device("cpu")
 
-    def setup(self, accelerator: str = "auto") -> None:
-        """Read the launcher's environment, pick the device and join the process group."""
+    def setup(self, accelerator: str = "auto", collective_timeout: float = 600.0) -> None:
+        """Read the launcher's environment, pick the device and join the process group (its collectives fail
+        after ``collective_timeout`` seconds without a peer's answer)."""
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = env_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -51,8 +54,9 @@ class ProcessGroupStrategy:
         self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
+        self.collective_timeout = collective_timeout
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=collective_timeout))
 
     @property
     def is_distributed(self) -> bool:
@@ -122,11 +126,11 @@ class SingleDeviceStrategy(ProcessGroupStrategy):
 
     name = "single"
 
-    def setup(self, accelerator: str = "auto") -> None:
+    def setup(self, accelerator: str = "auto", collective_timeout: float = 600.0) -> None:
         if env_world_size() > 1:
             raise ConfigError(f"strategy='single' cannot train on {env_world_size()} processes (each would train "
                               "alone): use strategy='ddp' or 'fsdp2'")
-        super().setup(accelerator)
+        super().setup(accelerator, collective_timeout)
 
 
 def configured(model: TrainableModel) -> torch.nn.Module:
@@ -229,7 +233,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
         self.fsdp_mesh: DeviceMesh | None = None
         self.expert_mesh: DeviceMesh | None = None
 
-    def setup(self, accelerator: str = "auto") -> None:
+    def setup(self, accelerator: str = "auto", collective_timeout: float = 600.0) -> None:
         tp, cp = self.tensor_parallel_size, self.context_parallel_size
         if cp > 1 and not (accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()):
             raise bad_value("context_parallel_size", cp, "context parallel needs CUDA GPUs (PyTorch shards attention "
@@ -237,7 +241,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
         dims = mesh_dims(env_world_size(), self.data_parallel_size, cp, tp)
         experts = expert_dims(env_world_size(), self.expert_parallel_size, tp)
         self.data_parallel_size = dims["dp"]
-        super().setup(accelerator)
+        super().setup(accelerator, collective_timeout)
         from torch.distributed.device_mesh import init_device_mesh
 
         if tp > 1 or cp > 1:

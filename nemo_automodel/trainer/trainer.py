@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from nemo_automodel.checkpoint.save_load import AutoResume, ModelCheckpoint, load_checkpoint, save_checkpoint
 from nemo_automodel.contracts import DataModule, OptimizerModule, PeftMethod, Strategy, TrainableModel
-from nemo_automodel.errors import ConfigError, bad_value, check_int
+from nemo_automodel.errors import ConfigError, RunError, bad_value, check_int, first_line
 from nemo_automodel.parallel.strategy import env_world_size, resolve_strategy
 from nemo_automodel.tracking.metrics import MetricsLogger
 from nemo_automodel.tracking.trackers import MLflowLogger, Tracker, WandbLogger, check_trackers, object_params
@@ -80,6 +80,12 @@ class NeMoLogger:
         return Path(self.log_dir) / self.name
 
 
+def _timed_out(err: RuntimeError) -> bool:
+    """A collective's timeout, as gloo ("Timed out waiting 5000ms for recv") and NCCL's watchdog word it."""
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text
+
+
 class Trainer:
     """Fit a model on a data module.
 
@@ -115,7 +121,8 @@ class Trainer:
                  val_check_interval: int | float | None = None, limit_val_batches: int | float | None = None,
                  log_every_n_steps: int = 10, callbacks: list[Any] | None = None, seed: int = 1234,
                  enable_progress_bar: bool = True, enable_checkpointing: bool = True,
-                 num_sanity_val_steps: int = 0, use_distributed_sampler: bool | None = None, logger: Any = None) -> None:
+                 num_sanity_val_steps: int = 0, use_distributed_sampler: bool | None = None, logger: Any = None,
+                 collective_timeout: float = 600.0) -> None:
         if str(precision) not in PRECISIONS and str(precision) != AUTO:
             raise bad_value("precision", precision, f"use 'auto' or one of {sorted(PRECISIONS)}")
         if accelerator not in ("auto", "cpu", "gpu", "cuda"):
@@ -126,6 +133,9 @@ class Trainer:
                              ("num_nodes", num_nodes), ("log_every_n_steps", log_every_n_steps)):
             check_int(field, value)
         _refuse_unused_lightning_args(num_sanity_val_steps, use_distributed_sampler, logger)
+        if not isinstance(collective_timeout, (int, float)) or collective_timeout <= 0:
+            raise bad_value("collective_timeout", collective_timeout, "use a number of seconds > 0")
+        self.collective_timeout = float(collective_timeout)
         self.devices, self.num_nodes, self.accelerator = devices, num_nodes, accelerator
         self._strategy_arg = strategy
         self.strategy: Strategy = resolve_strategy(strategy)  # validated now; None/'auto' is re-decided in fit
@@ -149,7 +159,7 @@ class Trainer:
         if self._strategy_arg in (None, "auto"):
             self.strategy = resolve_strategy(self._strategy_arg)
         torch.manual_seed(self.seed)  # before setup: Megatron derives its model-parallel RNG streams from it
-        self.strategy.setup(self.accelerator)
+        self.strategy.setup(self.accelerator, self.collective_timeout)
         torch.manual_seed(self.seed)
         if self._precision_arg == AUTO:
             self._choose_precision(peft is not None)
@@ -271,6 +281,11 @@ class Trainer:
                     raise SystemExit(PREEMPTED_EXIT_CODE)
         except BaseException as err:
             metrics.abort("KILLED" if isinstance(err, (SystemExit, KeyboardInterrupt)) else "FAILED")
+            if isinstance(err, RuntimeError) and _timed_out(err):
+                raise RunError(f"rank {self.strategy.rank}: a collective got no answer from a peer rank within "
+                               f"collective_timeout={self.collective_timeout:g} s at step {self.global_step}: a rank "
+                               "is hung (stopped, deadlocked) or gone; Trainer(collective_timeout=...) sets the wait "
+                               f"({first_line(err)})") from err
             raise
         finally:
             bar.close()

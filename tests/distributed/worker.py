@@ -13,6 +13,7 @@ torchrun start serves several fits). A run's keys:
   out                                          folder for results: final.pt (rank 0, full weights),
                                                rank{r}.pt (each rank's weights), logits.pt, syncs.json
   activation_checkpointing, precision          HFAutoModelForCausalLM / Trainer options (default off, "32")
+  collective_timeout                           Trainer option (seconds, default 600)
   kill_in_save_at, kill_point                  SIGKILL this process while it writes checkpoint N, at
                                                kill_point dcp | export (default) | rename | last
 """
@@ -50,7 +51,7 @@ def optimizer(run: dict) -> tuple[PytorchOptimizerModule, float | None]:
         return PytorchOptimizerModule(functools.partial(torch.optim.SGD, lr=lr)), None
     # = llm.adam.pytorch_adam_with_cosine_annealing(max_lr=lr, warmup_steps=2, min_lr=1e-4), built
     return PytorchOptimizerModule(functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
-                           WarmupCosineSchedule(warmup_steps=2, min_lr=1e-4,
+                           WarmupCosineSchedule(warmup_steps=run.get("warmup", 2), min_lr=1e-4,
                                                 max_steps=run.get("total", run["steps"]))), 1.0
 
 
@@ -162,7 +163,7 @@ def fit(run: dict, callbacks: list) -> tuple:
     strategy = FSDP2Strategy(**strategy) if isinstance(strategy, dict) else strategy
     trainer = Trainer(devices=run.get("devices", 1), strategy=strategy, max_steps=run["steps"],
                       log_every_n_steps=1, gradient_clip_val=clip, enable_progress_bar=False, callbacks=callbacks,
-                      precision=run.get("precision", "32"))
+                      precision=run.get("precision", "32"), collective_timeout=run.get("collective_timeout", 600))
     # dropout > 0: resuming bitwise needs every rank's RNG restored
     method = DoRA if run.get("peft") == "dora" else LoRA
     peft = method(target_modules=run.get("targets", ["*_proj"]), dim=4, dropout=run.get("dropout", 0.1)) \
