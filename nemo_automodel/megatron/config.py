@@ -3,7 +3,8 @@
 Llama, Mistral and Qwen2 families map onto Megatron's GPT layer: RMSNorm, SwiGLU, RoPE
 (plain, linear or Llama-3 scaling), grouped-query attention, optional qkv bias, tied or
 untied embeddings, and (our attention mask) Mistral's sliding window. Anything else fails with
-one line naming what Megatron-Core lacks, so a backend swap is refused before a job starts.
+one line naming what Megatron-Core lacks, so a backend swap is refused before a job starts; a
+mixture-of-experts or Mamba/hybrid family is named with its experts or SSM mixers (`non_dense_parts`).
 """
 
 from __future__ import annotations
@@ -102,9 +103,46 @@ class GPTConfig:
             initializer_range=self.init_method_std, **extra)
 
 
+# layer-type names a Mamba (state-space) mixer layer goes by in transformers configs (5.24 calls them
+# "linear_attention"; Jamba "mamba"; Zamba2/FalconH1 "hybrid")
+SSM_LAYER_TYPES = ("mamba", "linear_attention", "hybrid")
+
+
+def _layer_types(hf_config: Any) -> list[str]:
+    types = getattr(hf_config, "layers_block_type", None) or getattr(hf_config, "layer_types", None)
+    return [str(t) for t in types] if isinstance(types, list | tuple) else []
+
+
+def non_dense_parts(hf_config: Any) -> list[str]:
+    """The Mamba (SSM) mixers and mixture-of-experts layers of a transformers config, described; empty for a
+    dense decoder. Our Megatron conversion (``convert.py``) maps attention + one gated MLP per layer only."""
+    parts = []
+    types = _layer_types(hf_config)
+    ssm_state = next((getattr(hf_config, a) for a in ("ssm_state_size", "mamba_d_state", "state_size")
+                      if getattr(hf_config, a, None)), None)
+    if ssm_state or "mamba" in str(getattr(hf_config, "model_type", "")):
+        count = sum(t in SSM_LAYER_TYPES for t in types)
+        where = f"{count} of {len(types)} layers" if count else "its layers"
+        parts.append(f"Mamba (SSM) mixers ({where}, state size {ssm_state}: conv1d and selective scan)")
+    experts = next((getattr(hf_config, a) for a in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(hf_config, a, None)), 0)
+    if getattr(hf_config, "hybrid_override_pattern", None) is not None:  # Nemotron-H: only "moe" layers route
+        experts = experts if "moe" in types else 0
+    if isinstance(experts, int) and experts > 1:
+        top = getattr(hf_config, "num_experts_per_tok", None)
+        parts.append(f"mixture-of-experts MLPs ({experts} routed experts{f', top-{top}' if top else ''}: router and "
+                     "per-expert weights)")
+    return parts
+
+
 def gpt_config_from_hf(hf_config) -> GPTConfig:
     """Map a transformers config onto `GPTConfig`, or raise ConfigError naming what is unsupported."""
     arch = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__.replace("Config", "ForCausalLM")])[0]
+    parts = non_dense_parts(hf_config)
+    if parts:
+        raise ConfigError(f"{arch} ({getattr(hf_config, 'model_type', '?')}) cannot move to Megatron-Core: our "
+                          f"conversion maps dense Llama-style decoders only ({', '.join(SUPPORTED_ARCHITECTURES)}) "
+                          f"and has no mapping for its {' or its '.join(parts)}; keep it on the AutoModel path")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"{arch} has no Megatron-Core mapping here (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
                           "keep it on the AutoModel path")

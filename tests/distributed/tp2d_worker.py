@@ -55,7 +55,8 @@ def fit(run: dict) -> None:
                                global_batch_size=run["global"], pad_token_id=0, seed=3)
     optim, clip = optimizer(run)
     trainer = Trainer(strategy=strategy(run), max_steps=run["steps"], log_every_n_steps=1, gradient_clip_val=clip,
-                      enable_progress_bar=False, accelerator=run.get("accelerator", "cpu"), callbacks=run_callbacks(run))
+                      enable_progress_bar=False, accelerator=run.get("accelerator", "cpu"), callbacks=run_callbacks(run),
+                      precision=run.get("precision", "32"))  # fp32: compared with one process to 1e-5
     peft = LoRA(target_modules=["*_proj"], dim=4, dropout=0.0) if run.get("peft") else None
     resume = (AutoResume(resume_from_path=run["resume_from"]) if run.get("resume_from")
               else AutoResume(resume_if_exists=True) if run.get("resume") else None)

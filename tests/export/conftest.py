@@ -13,6 +13,8 @@ from export_support import (
     HEAD64,
     MAX_TOKENS,
     PROMPTS,
+    SSM_LORA_TARGETS,
+    SSM_PROMPTS,
     finetune,
     rotated_dataset,
     vllm_python_path,
@@ -106,11 +108,47 @@ def moe_export(tmp_path_factory, tokenizer) -> Path:
     return shared_build(tmp_path_factory, "export-moe-merged", build) / "moe-merged"
 
 
+def _nemotron_h_base(out: Path, tokenizer) -> Path:
+    """The session's tiny Nemotron-H layout (``M*M-``: Mamba, attention, Mamba, MLP) with head_dim 32 (vLLM's CPU
+    attention refuses 16) and initializer_range 0.1 (Mamba2's default): at Nemotron-H's 0.02 a random base's
+    conv1d and attention carry so little of the question to the reply that LoRA stalls at loss ~0.25, every
+    reply's first token a guess among the eight answers (measured)."""
+    import transformers
+
+    cfg = transformers.NemotronHConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, hybrid_override_pattern="M*M-",
+        num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, head_dim=32, mamba_num_heads=8,
+        mamba_head_dim=16, ssm_state_size=16, n_groups=1, expand=2, chunk_size=16, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
-def vllm_results(vllm_python, sft_export, lora_exports, moe_export) -> dict[str, list]:
-    """Every engine test's vLLM answers from one vLLM process (four engines, started once each)."""
+def ssm_exports(tmp_path_factory, tiny_model_factory, tokenizer) -> dict[str, Path]:
+    """A tiny Mamba2 (the session's) and a Mamba/attention hybrid (Nemotron-H), each LoRA-trained by us until it
+    memorized the QA replies and exported merged (the adapters folded into in_proj, attention, MLP, lm_head)."""
+    def build(out: Path) -> None:
+        # (base, steps, peak lr) measured to reach train loss ~0.02: Nemotron-H diverges at 2e-2
+        runs = {"mamba2": (tiny_model_factory("mamba2"), 60, 2e-2),
+                "nemotron_h": (_nemotron_h_base(out / "nemotron_h-base", tokenizer), 100, 1e-2)}
+        for family, (base, steps, lr) in runs.items():
+            lora = llm.peft.LoRA(target_modules=SSM_LORA_TARGETS, dim=16, alpha=32)
+            run = finetune(base, out, family, chat_dataset(), steps=steps, lr=lr, peft=lora)
+            export(run, out / f"{family}-merged")
+
+    out = shared_build(tmp_path_factory, "export-ssm-merged", build)
+    return {family: out / f"{family}-merged" for family in ("mamba2", "nemotron_h")}
+
+
+@pytest.fixture(scope="session")
+def vllm_results(vllm_python, sft_export, lora_exports, moe_export, ssm_exports) -> dict[str, list]:
+    """Every engine test's vLLM answers from one vLLM process (six engines, started once each)."""
     jobs = {
         "moe_merged": GenerationJob(moe_export, PROMPTS, MAX_TOKENS),
+        **{f"{family}_merged": GenerationJob(path, SSM_PROMPTS, MAX_TOKENS) for family, path in ssm_exports.items()},
         "sft": GenerationJob(sft_export, PROMPTS, MAX_TOKENS),
         "sft_conversation": GenerationJob(sft_export, [CONVERSATION], MAX_TOKENS),
         "lora": GenerationJob(lora_exports["adapter"], PROMPTS, MAX_TOKENS),

@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 HEAD64 = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=2, max_position_embeddings=512)
 PROMPTS = [q for q, _ in QA[:4]] + ["Tell me a story."]
+# One LoRA target list for both state-space families (a pattern that matches nothing in one only warns): Mamba2
+# has in_proj alone (peft refuses a Mamba mixer's out_proj and conv1d), Nemotron-H also attention and MLP.
+# lm_head too: on a random base the frozen head and final norm bound the logits (measured: without it the
+# loss stalls near 5 and nothing is memorized).
+SSM_LORA_TARGETS = ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
+SSM_PROMPTS = PROMPTS[:4]  # trained questions only: their memorized replies give every greedy step a clear margin
 CONVERSATION = [{"role": "system", "content": "You answer in one sentence."},
                 {"role": "user", "content": "Which animal barks?"}, {"role": "assistant", "content": "A dog barks."},
                 {"role": "user", "content": "What do bees make?"}]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_support import CONVERSATION, MAX_TOKENS, PROMPTS, ROOT, ROTATED, clear_greedy
+from export_support import CONVERSATION, MAX_TOKENS, PROMPTS, ROOT, ROTATED, SSM_PROMPTS, clear_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nemo_automodel.data import chat_tokens
@@ -79,6 +79,32 @@ def test_merged_moe_equals_transformers(vllm_results, moe_export):
     assert [c.text.strip() for c in vllm_results["moe_merged"][:4]] == [trained[p] for p in PROMPTS[:4]]
 
 
+@pytest.mark.parametrize("family", ["mamba2", "nemotron_h"])
+def test_lora_merged_mamba_equals_transformers(family, vllm_results, ssm_exports):
+    """A Mamba2 and a Mamba/attention hybrid (Nemotron-H) LoRA-trained by us and exported merged: vLLM's own
+    Mamba code (its CPU conv1d and chunked-scan ops) generates what transformers does, the memorized replies,
+    which need the question carried through the SSM state to the reply."""
+    from safetensors import safe_open
+
+    export_dir = ssm_exports[family]
+    base = Path(json.loads((export_dir / "nemo_export.json").read_text())["base_model"])
+    with safe_open(str(base / "model.safetensors"), framework="pt") as b, \
+            safe_open(str(export_dir / "model.safetensors"), framework="pt") as m:
+        in_proj = [k for k in m.keys() if k.endswith("mixer.in_proj.weight")]  # noqa: SIM118
+        conv = [k for k in m.keys() if k.endswith("mixer.conv1d.weight")]  # noqa: SIM118
+        assert in_proj and conv and sorted(b.keys()) == sorted(m.keys())  # noqa: SIM118
+        # the adapters are merged into the Mamba mixers' in_proj; the layers LoRA cannot reach are the base's
+        assert all(not torch.equal(b.get_tensor(k), m.get_tensor(k)) for k in in_proj)
+        assert all(torch.equal(b.get_tensor(k), m.get_tensor(k)) for k in conv)
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    vllm_ids = token_ids(vllm_results[f"{family}_merged"])
+    assert_nontrivial(vllm_ids)
+    assert vllm_ids == hf_greedy(model, tok, SSM_PROMPTS)
+    trained = dict(QA)
+    assert [c.text.strip() for c in vllm_results[f"{family}_merged"]] == [trained[p] for p in SSM_PROMPTS]
+
+
 def test_chat_template_equals_training_formatting(vllm_results, sft_export, sft_run):
     """vLLM's LLM.chat renders prompts to the same token ids as training's chat formatting."""
     train_tok = AutoTokenizer.from_pretrained(sft_run / "checkpoints" / "last" / "model")
@@ -122,19 +148,24 @@ def test_lora_merged_export_equals_peft(vllm_results, lora_exports, sft_export):
     assert merged_ids == token_ids(vllm_results["lora"])
 
 
-def test_engine_spec_check_rejects_unservable_adapter_before_engine_starts(vllm_python, tmp_path, tiny_model_factory,
-                                                                   tokenizer):
-    """Qwen2 in vLLM takes no lm_head adapter: the vLLM-side engine spec check says so before any engine starts."""
+@pytest.mark.parametrize(("arch", "targets", "refusal"), [
+    ("qwen2", ["q_proj", "lm_head"], r"Qwen2ForCausalLM.*no LoRA on \['lm_head'\].*mode='merged'"),
+    ("mamba2", ["in_proj"], r"^vLLM's Mamba2ForCausalLM \(Mamba2ForCausalLM\) does not support LoRA adapters: export "
+                            r"the checkpoint with mode='merged'$"),
+])
+def test_engine_spec_check_rejects_unservable_adapter_before_engine_starts(arch, targets, refusal, vllm_python, tmp_path,
+                                                                           tiny_model_factory, tokenizer):
+    """Qwen2 in vLLM takes no lm_head adapter, and vLLM's Mamba2 no adapter at all (it serves Mamba2 merged, see
+    above; its hybrid Nemotron-H takes adapters): the vLLM-side engine spec check says so before any engine starts."""
     from export_support import lora_checkpoint
 
     from nemo_automodel.errors import ConfigError
     from nemo_automodel.export import export, generate
 
-    ckpt = lora_checkpoint(tmp_path / "run", tiny_model_factory("qwen2"), tokenizer,
-                           target_modules=["q_proj", "lm_head"])
-    out = export(ckpt, tmp_path / "qwen-lm-head", mode="adapter")
+    ckpt = lora_checkpoint(tmp_path / "run", tiny_model_factory(arch), tokenizer, target_modules=targets)
+    out = export(ckpt, tmp_path / f"{arch}-adapter", mode="adapter")
     start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"Qwen2ForCausalLM.*no LoRA on \['lm_head'\].*mode='merged'"):
+    with pytest.raises(ConfigError, match=refusal):
         generate(out, ["hi"], python=vllm_python)
     print(f"the engine spec check rejected the adapter in {time.perf_counter() - start:.1f} s")
 

@@ -73,6 +73,36 @@ def test_rewrite_refuses_unsupported_models_and_sizes(tiny_model_factory, megatr
         to_megatron(qwen)
 
 
+def _refused_at_swap_and_configure(model_dir: Path, token_file, tmp_path) -> str:
+    """The one-line refusal of ``to_megatron``, asserted to be the one ``configure_model`` (under a set-up
+    ``megatron_strategy``) gives where the model's config could not be read at swap time (a Hub id offline)."""
+    with pytest.raises(ConfigError) as swap:
+        to_megatron(_recipe(model_dir, token_file, tmp_path, "swap"))
+    with pytest.raises(ConfigError) as configure:
+        MegatronGPTModel(str(model_dir)).configure_model()
+    assert str(configure.value) == str(swap.value) and "\n" not in str(swap.value)
+    return str(swap.value)
+
+
+@pytest.mark.parametrize(("arch", "family", "experts"), [("qwen3_moe", "Qwen3MoeForCausalLM", "4 routed experts, top-2"),
+                                                        ("mixtral", "MixtralForCausalLM", "4 routed experts, top-2")])
+@pytest.mark.usefixtures("megatron_strategy")
+def test_rewrite_refuses_mixture_of_experts(arch, family, experts, tiny_model_factory, token_file, tmp_path):
+    message = _refused_at_swap_and_configure(tiny_model_factory(arch), token_file, tmp_path)
+    assert message.startswith(f"{family} ({arch}) cannot move to Megatron-Core"), message
+    assert f"no mapping for its mixture-of-experts MLPs ({experts}" in message and "Mamba" not in message, message
+
+
+@pytest.mark.parametrize(("arch", "family", "layers"), [("mamba2", "Mamba2ForCausalLM", "2 of 2 layers"),
+                                                       ("nemotron_h", "NemotronHForCausalLM", "2 of 4 layers")])
+@pytest.mark.usefixtures("megatron_strategy")
+def test_rewrite_refuses_mamba_and_hybrid_models(arch, family, layers, tiny_model_factory, token_file, tmp_path):
+    """Nemotron-H's config carries expert counts, but its pattern ``M*M-`` has no MoE layer: only the SSM is named."""
+    message = _refused_at_swap_and_configure(tiny_model_factory(arch), token_file, tmp_path)
+    assert message.startswith(f"{family} ({arch}) cannot move to Megatron-Core"), message
+    assert f"no mapping for its Mamba (SSM) mixers ({layers}" in message and "experts" not in message, message
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("peft_scheme", ["lora", None])
 def test_megatron_recipe_trains_from_the_same_weights_and_exports_hf(peft_scheme, megatron_model_factory,

@@ -33,7 +33,8 @@ def run_megatron(model_dir: str, data: str, log_dir: str, name: str, tp: int = 1
                                                      clip_grad=0.0)) if sgd
              else PytorchOptimizerModule(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)))
     trainer = Trainer(strategy=MegatronStrategy(tensor_model_parallel_size=tp), max_steps=2 if sgd else STEPS,
-                      log_every_n_steps=1, gradient_clip_val=None if sgd else 1.0, enable_progress_bar=False)
+                      log_every_n_steps=1, gradient_clip_val=None if sgd else 1.0, enable_progress_bar=False,
+                      precision="32")  # compared with the HF path in fp32
     peft = LoRA(target_modules=["*_proj", "linear_qkv"], dim=4) if lora else None
     run_dir = finetune(model=model, data=data_module, trainer=trainer, peft=peft, optim=optim,
                        log=NeMoLogger(log_dir=log_dir, name=name, tensorboard=False))
