@@ -1,6 +1,7 @@
 """Expert parallel (``FSDP2Strategy(expert_parallel_size=2)``) on 2 gloo ranks: a tiny Qwen3-MoE trains equal to
-one process (full SFT, and LoRA on attention, with the router loss), composes with TP on Mixtral, and its
-checkpoint resumes at E=1 and on one process; its export equals the one-process export's layout and names."""
+one process (full SFT, and LoRA on attention, with the router loss; DeepSeek-V3 full SFT), composes with TP on
+Mixtral, and its checkpoint resumes at E=1 and on one process; its export equals the one-process export's layout
+and names."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _save(cfg, tokenizer, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ep_runs(tmp_path_factory, token_data, tokenizer) -> Path:
+def ep_runs(tmp_path_factory, token_data, tokenizer, tiny_model_factory) -> Path:
     """Plain-SGD runs of a tied Qwen3-MoE (4 experts, top-2) at E=2 on 2 ranks and on one process, and of an
     untied Mixtral at TP=2 x E=2; then AdamW at E=2 with a checkpoint at step 2, resumed at E=1 and alone."""
     import transformers
@@ -43,11 +44,13 @@ def ep_runs(tmp_path_factory, token_data, tokenizer) -> Path:
     base = {"data": str(token_data), "micro": 2, "global": 4, "log_dir": str(tmp / "runs")}
     sgd = {**base, **SGD}
     kinds = {"sft": {}, "lora": {"peft": True, "targets": ATTENTION}}
+    deepseek = {**sgd, "model": str(tiny_model_factory("deepseek_v3"))}  # MLA attention, a dense first layer
     resume = {**base, "model": str(qwen), "steps": 4, "total": 4, "lr": 1e-2}
     launch(tmp, [*({**sgd, **kind, "model": str(qwen), "strategy": EP2, "name": f"ep2-{k}", "out": str(tmp / "ep2" / k)}
                    for k, kind in kinds.items()),
                  {**sgd, "model": str(mixtral), "strategy": {**EP2, "tensor_parallel_size": 2}, "name": "tp2ep2",
                   "out": str(tmp / "tp2ep2")},
+                 {**deepseek, "strategy": EP2, "name": "ep2-deepseek", "out": str(tmp / "ep2" / "deepseek")},
                  {**resume, "strategy": EP2, "name": "adamw-ep2", "every": 2, "out": str(tmp / "adamw-ep2")}])
     step2 = tmp / "runs" / "adamw-ep2" / "checkpoints" / "step-000002"
     launch(tmp, [{**resume, "strategy": "fsdp2", "name": "resumed-ep1", "resume_from": str(step2),
@@ -55,18 +58,19 @@ def ep_runs(tmp_path_factory, token_data, tokenizer) -> Path:
     launch(tmp, [*({**sgd, **kind, "model": str(qwen), "name": f"single-{k}", "out": str(tmp / "single" / k)}
                    for k, kind in kinds.items()),
                  {**sgd, "model": str(mixtral), "name": "single-mixtral", "out": str(tmp / "single-mixtral")},
+                 {**deepseek, "name": "single-deepseek", "out": str(tmp / "single" / "deepseek")},
                  {**resume, "name": "resumed-single", "resume_from": str(step2), "out": str(tmp / "resumed-single")}],
            nproc=1)
     return tmp
 
 
-@pytest.mark.parametrize("kind", ["sft", "lora"])
+@pytest.mark.parametrize("kind", ["sft", "lora", "deepseek"])  # Qwen3-MoE full SFT, attention LoRA; DeepSeek-V3 SFT
 def test_two_expert_parallel_ranks_equal_one_process(ep_runs, kind):
     ep, single = losses(ep_runs / "runs" / f"ep2-{kind}"), losses(ep_runs / "runs" / f"single-{kind}")
     assert len(ep) == len(single) == SGD["steps"]
     for got, ref in zip(ep, single, strict=True):
         assert abs(got - ref) <= 1e-5 * abs(ref), (ep, single)
-    assert_sgd_runs_equal(ep_runs / "ep2" / kind, ep_runs / "single" / kind, f"ep=2 qwen3-moe {kind}")
+    assert_sgd_runs_equal(ep_runs / "ep2" / kind, ep_runs / "single" / kind, f"ep=2 {kind}")
 
 
 def test_expert_parallel_composes_with_tensor_parallel(ep_runs):

@@ -23,7 +23,13 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).with_name("tp2d_worker.py")
 STEPS = 8
 RTOL = 1e-5  # losses against one process: only the order of float sums differs
-ATOL = 5e-5  # weights after 8 AdamW steps
+# Weights after 8 AdamW steps (warmup 2, lr 1e-2). 1e-5 does not hold after warm-up, and gets worse with more steps:
+# measured (2, 2) vs one process, fp32, max weight difference — 8 steps: SFT 1.2e-5, LoRA 1.6e-5; 24 steps: SFT
+# 1.3e-5, LoRA 1.8e-4; 8 steps all inside an 8-step warm-up: 2.8e-6 both. AdamW divides each element's update by
+# its own gradient scale (m / sqrt(v)), so the float-order differences of the TP sums (~1e-7 relative) come out
+# at full size in elements whose gradients are near zero, once the LR is high. It is not a gradient error: the
+# plain-SGD runs below compare weights against a halved gradient (assert_sgd_runs_equal).
+ATOL = 5e-5
 
 
 def _launch(tmp: Path, runs: list[dict], nproc: int) -> None:
