@@ -122,6 +122,7 @@ class Strategy(Protocol):
     """Processes, device and model wrapping: single device, DDP, FSDP2 or Megatron TP + DP."""
 
     name: str  # "single", "ddp", "fsdp2", "megatron"
+    cpu_bf16_autocast: bool  # whether its model trains under torch.autocast(bf16) on CPU (precision="auto" asks)
     rank: int
     world_size: int
     device: torch.device

@@ -27,6 +27,11 @@ def test_the_choice_for_each_kind_of_hardware(hardware, peft, expected):
     assert choose_precision(hardware, peft) == expected
 
 
+def test_a_strategy_without_cpu_autocast_keeps_fp32():
+    assert choose_precision(Hardware("cpu", True, "avx512_bf16"), peft=True, cpu_autocast=False)[0] == "32"
+    assert choose_precision(Hardware("cuda", True, "NVIDIA H100"), peft=True, cpu_autocast=False)[0] == "bf16-true"
+
+
 def test_the_cpu_flags_are_read_from_cpuinfo():
     assert cpu_bf16_flags(CPUINFO) == ["avx512_bf16"]
     assert cpu_bf16_flags("flags : fpu avx2\n") == []

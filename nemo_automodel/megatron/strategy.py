@@ -44,6 +44,9 @@ class MegatronStrategy(ProcessGroupStrategy):
     """
 
     name = "megatron"
+    # Megatron-Core's layers on the CPU shim mix autocast's bf16 with their fp32 weights ("expected m1 and m2 to
+    # have the same dtype"): precision="auto" keeps fp32 there
+    cpu_bf16_autocast = False
 
     def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                  context_parallel_size: int = 1, sequence_parallel: bool = False, ddp: str = "pytorch") -> None:

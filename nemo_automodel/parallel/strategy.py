@@ -36,6 +36,7 @@ class ProcessGroupStrategy:
     reductions over all ranks. It trains the model as is; subclasses say how they wrap it."""
 
     name = "base"
+    cpu_bf16_autocast = True  # HF models run under torch.autocast("cpu", bfloat16)
 
     def __init__(self) -> None:
         self.rank, self.world_size, self.local_rank = 0, 1, 0

@@ -52,13 +52,16 @@ def detect(device: torch.device) -> Hardware:
     return Hardware("cpu", bool(flags), ", ".join(flags) or "no avx512_bf16/amx_bf16")
 
 
-def choose_precision(hardware: Hardware, peft: bool) -> tuple[str, str]:
-    """``(precision, reason)`` for ``hardware``, LoRA/QLoRA (``peft``) or full fine-tuning."""
+def choose_precision(hardware: Hardware, peft: bool, cpu_autocast: bool = True) -> tuple[str, str]:
+    """``(precision, reason)`` for ``hardware``, LoRA/QLoRA (``peft``) or full fine-tuning; ``cpu_autocast``: the
+    strategy's model can train under bf16 autocast on CPU (Megatron's cannot)."""
     method = "LoRA" if peft else "full fine-tuning"
     if hardware.kind == "cuda":
         if not hardware.bf16:
             return "32", f"CUDA ({hardware.detail}) without bf16 support"
         return ("bf16-true" if peft else "bf16-mixed"), f"CUDA ({hardware.detail}), bf16 supported, {method}"
+    if hardware.bf16 and not cpu_autocast:
+        return "32", f"CPU with native bf16 ({hardware.detail}), but this strategy's model has no bf16 autocast on CPU"
     if hardware.bf16:
         return "bf16-mixed", f"CPU with native bf16 ({hardware.detail})"
     return "32", f"CPU without native bf16 ({hardware.detail}): bf16 would be emulated"

@@ -187,7 +187,7 @@ class Trainer:
 
     def _choose_precision(self, peft: bool) -> None:
         """``precision="auto"``: decided for the device the strategy set up (``trainer/precision.py``), said once."""
-        self.precision, reason = choose_precision(detect(self.strategy.device), peft)
+        self.precision, reason = choose_precision(detect(self.strategy.device), peft, self.strategy.cpu_bf16_autocast)
         self.autocast_dtype, self.weight_dtype = PRECISIONS[self.precision]
         if self.strategy.rank == 0:
             print(f"precision auto -> {self.precision} ({reason})", flush=True)

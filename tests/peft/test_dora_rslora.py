@@ -25,7 +25,7 @@ def _train(model_dir: Path, log_dir: Path, name: str, peft, devices: int = 1, st
                                      global_batch_size=8, shuffle=False),
         optim=fdl.build(llm.adam.pytorch_adam_with_flat_lr(lr=1e-2)),
         trainer=nl.Trainer(max_steps=STEPS, log_every_n_steps=1, enable_progress_bar=False, devices=devices,
-                           strategy=strategy),
+                           strategy=strategy, precision="32"),  # compared with one process to 1e-5
         log=nl.NeMoLogger(log_dir=str(log_dir), name=name),
     )
 
