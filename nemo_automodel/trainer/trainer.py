@@ -83,7 +83,7 @@ class NeMoLogger:
 def _timed_out(err: RuntimeError) -> bool:
     """A collective's timeout, as gloo ("Timed out waiting 5000ms for recv") and NCCL's watchdog word it."""
     text = str(err).lower()
-    return "timed out" in text or "timeout" in text
+    return "timed out waiting" in text or "collective operation timeout" in text
 
 
 class Trainer:

@@ -85,23 +85,18 @@ def _refused_at_swap_and_configure(model_dir: Path, token_file, tmp_path) -> str
     return str(swap.value)
 
 
-@pytest.mark.parametrize(("arch", "family", "experts"), [("qwen3_moe", "Qwen3MoeForCausalLM", "4 routed experts, top-2"),
-                                                        ("mixtral", "MixtralForCausalLM", "4 routed experts, top-2")])
+@pytest.mark.parametrize(("arch", "family", "named", "absent"), [
+    ("qwen3_moe", "Qwen3MoeForCausalLM", "mixture-of-experts MLPs (4 routed experts, top-2", "Mamba"),
+    ("mixtral", "MixtralForCausalLM", "mixture-of-experts MLPs (4 routed experts, top-2", "Mamba"),
+    ("mamba2", "Mamba2ForCausalLM", "Mamba (SSM) mixers (2 of 2 layers", "experts"),
+    # Nemotron-H's config carries expert counts, but its pattern ``M*M-`` has no MoE layer: only the SSM is named
+    ("nemotron_h", "NemotronHForCausalLM", "Mamba (SSM) mixers (2 of 4 layers", "experts"),
+])
 @pytest.mark.usefixtures("megatron_strategy")
-def test_rewrite_refuses_mixture_of_experts(arch, family, experts, tiny_model_factory, token_file, tmp_path):
+def test_rewrite_refuses_moe_and_mamba_models(arch, family, named, absent, tiny_model_factory, token_file, tmp_path):
     message = _refused_at_swap_and_configure(tiny_model_factory(arch), token_file, tmp_path)
     assert message.startswith(f"{family} ({arch}) cannot move to Megatron-Core"), message
-    assert f"no mapping for its mixture-of-experts MLPs ({experts}" in message and "Mamba" not in message, message
-
-
-@pytest.mark.parametrize(("arch", "family", "layers"), [("mamba2", "Mamba2ForCausalLM", "2 of 2 layers"),
-                                                       ("nemotron_h", "NemotronHForCausalLM", "2 of 4 layers")])
-@pytest.mark.usefixtures("megatron_strategy")
-def test_rewrite_refuses_mamba_and_hybrid_models(arch, family, layers, tiny_model_factory, token_file, tmp_path):
-    """Nemotron-H's config carries expert counts, but its pattern ``M*M-`` has no MoE layer: only the SSM is named."""
-    message = _refused_at_swap_and_configure(tiny_model_factory(arch), token_file, tmp_path)
-    assert message.startswith(f"{family} ({arch}) cannot move to Megatron-Core"), message
-    assert f"no mapping for its Mamba (SSM) mixers ({layers}" in message and "experts" not in message, message
+    assert f"no mapping for its {named}" in message and absent not in message, message
 
 
 @pytest.mark.slow
