@@ -210,6 +210,9 @@ class FSDP2Strategy(ProcessGroupStrategy):
     each experts module is FSDP-sharded over efsdp and its tokens are dispatched over ep, while the dense part
     is sharded as above (TP rules on the experts are dropped). E must divide the number of processes and be a
     multiple of T.
+
+    ``reshard_after_forward`` applies to the blocks (and experts); the root module is never resharded after
+    forward (FSDP2's own default for it).
     """
 
     name = "fsdp2"
@@ -337,7 +340,10 @@ class FSDP2Strategy(ProcessGroupStrategy):
             kwargs["mesh"] = self.fsdp_mesh
         for block in model.repeated_blocks():
             fully_shard(block, **kwargs)
-        fully_shard(module, **kwargs)
+        # The root (embeddings, final norm, output layer) keeps FSDP2's own choice: not resharded after forward,
+        # as backward gathers it again at once. Resharding it frees weights that backward reads when the loss does
+        # not pass through the root's output, where FSDP2 hooks the re-gather: the chunked loss (a SIGSEGV on CPU).
+        fully_shard(module, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
         return module
 
     def _expert_mesh(self) -> DeviceMesh:

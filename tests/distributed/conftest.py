@@ -104,8 +104,9 @@ def single(tmp_path_factory, config, fsdp2) -> Path:
 
 @pytest.fixture(scope="session")
 def fsdp2_memory(tmp_path_factory, config) -> Path:
-    """torchrun x2, FSDP2 with activation checkpointing (LoRA stopped at 3 and resumed; full SFT) and LoRA
-    with precision='bf16-true'; compared with the `fsdp2` runs, which keep every activation."""
+    """torchrun x2, FSDP2 with activation checkpointing (LoRA stopped at 3 and resumed; full SFT), LoRA
+    with precision='bf16-true', and LoRA and full SFT with the chunked loss; compared with the `fsdp2` runs,
+    which keep every activation and the full logits."""
     ckpt = {"activation_checkpointing": True}
 
     def build(tmp: Path) -> None:
@@ -114,6 +115,9 @@ def fsdp2_memory(tmp_path_factory, config) -> Path:
                      "out": str(tmp / "sft-full")})
         runs.append({**config["fsdp2-lora"], "precision": "bf16-true", "log_dir": str(tmp / "runs"),
                      "name": "lora-bf16-true", "out": str(tmp / "lora-bf16-true")})
+        for kind in ("lora", "sft"):
+            runs.append({**config[f"fsdp2-{kind}"], "chunked_loss": True, "log_dir": str(tmp / "runs"),
+                         "name": f"{kind}-chunked", "out": str(tmp / f"{kind}-chunked")})
         launch(tmp, runs)
 
     return shared_build(tmp_path_factory, "distributed-fsdp2-memory", build)

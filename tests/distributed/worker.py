@@ -12,7 +12,8 @@ torchrun start serves several fits). A run's keys:
   every, resume, resume_from                   checkpoint interval, AutoResume(if exists | from a path)
   out                                          folder for results: final.pt (rank 0, full weights),
                                                rank{r}.pt (each rank's weights), logits.pt, syncs.json
-  activation_checkpointing, precision          HFAutoModelForCausalLM / Trainer options (default off, "32")
+  activation_checkpointing, chunked_loss,      HFAutoModelForCausalLM / Trainer options (default off, "32")
+  precision
   collective_timeout                           Trainer option (seconds, default 600)
   kill_in_save_at, kill_point                  SIGKILL this process while it writes checkpoint N, at
                                                kill_point dcp | export (default) | rename | last
@@ -155,7 +156,8 @@ def _kill_in_save(step: int, point: str) -> None:
 
 
 def fit(run: dict, callbacks: list) -> tuple:
-    model = HFAutoModelForCausalLM(run["model"], activation_checkpointing=run.get("activation_checkpointing", False))
+    model = HFAutoModelForCausalLM(run["model"], activation_checkpointing=run.get("activation_checkpointing", False),
+                                   chunked_loss=run.get("chunked_loss", False))
     data = HFDatasetDataModule(run["data"], formatting=None, seq_length=64, micro_batch_size=run["micro"],
                                global_batch_size=run["global"], pad_token_id=0, seed=3)
     optim, clip = optimizer(run)
