@@ -13,7 +13,7 @@ import nemo_run as run
 
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.launch.nemo_run_cli import root_cause
-from nemo_automodel.launch.plan_recipe import plan_recipe, strategy_sizes
+from nemo_automodel.launch.plan_recipe import fit_recipe, plan_recipe, strategy_sizes
 from nemo_automodel.parallel.mesh import describe_mesh, mesh_dims
 
 
@@ -47,13 +47,23 @@ def mesh_report(task: run.Partial, world: int, per_node: int) -> str:
 
 
 def plan_report(task: run.Partial, gpus: int | None = None) -> str:
-    """The memory plan of a task, or one line saying why it is not estimated."""
+    """The memory plan of a task, or one line saying why it is not estimated; with ``trainer.fit_memory``, the
+    changes it would make (or why nothing it may change fits)."""
     try:
-        return str(plan_recipe(task, gpus=gpus, build_nodes=False))
+        report = str(plan_recipe(task, gpus=gpus, build_nodes=False))
     except ConfigError as err:
         return f"memory plan: not estimated ({root_cause(err)})"
     except Exception as err:  # a planner failure must not fail the dryrun
         return f"memory plan: not estimated ({type(err).__name__}: {root_cause(err)})"
+    try:
+        fit = fit_recipe(task, gpus=gpus, build_nodes=False)
+    except ConfigError as err:
+        fit = [f"fit_memory: the job would stop before loading: {root_cause(err)}"]
+    except Exception as err:  # a planner failure must not fail the dryrun
+        fit = [f"fit_memory: not planned ({type(err).__name__}: {root_cause(err)})"]
+    if fit:  # the fit's budget stands in for the plan's
+        report = "\n".join(line for line in report.splitlines() if not line.startswith("  no memory budget given"))
+    return "\n".join([report, *fit])
 
 
 def _slurm_node_names(nodelist: str) -> list[str]:

@@ -9,8 +9,9 @@ overrides are the recipe command line's (``peft=None``, ``trainer.precision=bf16
 ``model.activation_checkpointing=True``, ``data.micro_batch_size=1``, …). Model ids are read from the
 local Hugging Face cache only. ``--gpus`` sets the number of devices in all (with
 ``trainer.strategy.tensor_parallel_size=T`` / ``context_parallel_size=C`` the replicas are gpus / (T x C)), ``--seq`` the tokens
-per row (the packed row size when the recipe packs). Exit codes: 0 fits (or no --gpu-memory), 1 does
-not fit, 2 bad input (one line on stderr).
+per row (the packed row size when the recipe packs). With ``trainer.fit_memory=80GiB`` it also prints what the
+trainer would change to fit that budget (``plan/fit.py``). Exit codes: 0 fits (or no --gpu-memory), 1 does not fit
+(or nothing ``fit_memory`` may change fits), 2 bad input (one line on stderr).
 
 Which recipe a name stands for is the caller's to say (``resolve``, e.g. `recipe_cli.plan_target` once the
 recipes are imported): a library module never imports ``recipes``.
@@ -24,7 +25,7 @@ from typing import Any
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.launch.guard import OneLineParser, command_main
 from nemo_automodel.launch.nemo_run_cli import apply_overrides
-from nemo_automodel.launch.plan_recipe import plan_recipe
+from nemo_automodel.launch.plan_recipe import fit_recipe, plan_recipe, recipe_fit_memory
 from nemo_automodel.plan.units import parse_memory
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -56,8 +57,16 @@ def run_plan(argv: list[str], resolve: Callable[[str], Any]) -> int:
     if bad:
         raise ConfigError(f"{bad[0]!r} is not an option or a key=value override (see --help)")
     recipe = apply_overrides(resolve(args.target), args.overrides)
+    recipe_fit_memory(recipe)  # a bad trainer.fit_memory is bad input
     result = plan_recipe(recipe, gpus=args.gpus, gpu_memory=budget, seq=args.seq, device=args.device)
     print(result)
+    try:  # trainer.fit_memory=…: what the trainer would change to fit it
+        fit = fit_recipe(recipe, gpus=args.gpus, seq=args.seq, device=args.device)
+    except ConfigError as err:
+        print(f"fit_memory: the job would stop before loading: {err}")
+        return EXIT_DOES_NOT_FIT
+    if fit:
+        print("\n".join(fit))
     return EXIT_DOES_NOT_FIT if result.fits is False else EXIT_FITS
 
 

@@ -13,6 +13,8 @@ import fiddle as fdl
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.models import HFAutoModelForCausalLM
 from nemo_automodel.plan import Plan, TrainingJob, plan
+from nemo_automodel.plan.fit import AUTO as FIT_AUTO
+from nemo_automodel.plan.fit import fit_job, free_memory, parse_fit_memory
 from nemo_automodel.trainer.precision import AUTO, planned_precision
 
 _STRATEGY_NAMES = {"SingleDeviceStrategy": "single", "DDPStrategy": "ddp", "FSDP2Strategy": "fsdp2"}
@@ -116,3 +118,33 @@ def plan_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, gpu_memory: i
                 seq: int | None = None, device: str | None = None, build_nodes: bool = True) -> Plan:
     """Plan the memory of a recipe (``run.Partial(finetune, …)``) on ``gpus`` devices of ``gpu_memory`` each."""
     return plan(job_from_recipe(recipe, gpus=gpus, seq=seq, device=device, build_nodes=build_nodes), gpu_memory)
+
+
+def recipe_fit_memory(recipe: fdl.Buildable) -> int | str | None:
+    """The recipe's ``trainer.fit_memory`` (bytes, ``"auto"`` or None); a one-line ConfigError when it is not a budget."""
+    return parse_fit_memory(_arg(_arg(recipe, "trainer"), "fit_memory"))
+
+
+def fit_recipe(recipe: fdl.Buildable, *, gpus: int | None = None, seq: int | None = None, device: str | None = None,
+               build_nodes: bool = True) -> list[str]:
+    """What the recipe's ``trainer.fit_memory`` would change (``plan/fit.py``), as the trainer prints it; no lines
+    when it is unset, one when the budget is ``"auto"`` on a GPU (read where the job runs), a ConfigError when
+    nothing it may change fits."""
+    trainer = _arg(recipe, "trainer")
+    fit_memory = recipe_fit_memory(recipe)
+    if fit_memory is None:
+        return []
+    job = job_from_recipe(recipe, gpus=gpus, seq=seq, device=device, build_nodes=build_nodes)
+    source = ""
+    if fit_memory == FIT_AUTO:
+        if job.device == "cuda":
+            return ["fit_memory: budget 'auto', the free memory of each GPU where the job runs: the changes are "
+                    "decided there (a size, e.g. trainer.fit_memory=80GiB, shows them here)"]
+        import torch
+
+        fit_memory, source = free_memory(torch.device("cpu"), processes=min(job.devices, int(_arg(trainer, "devices", 1))))
+        source = f"this machine's {source}"
+    precision_auto = str(_arg(trainer, "precision", AUTO)) == AUTO and job.precision != "32"
+    strategy_auto = _arg(trainer, "strategy") in (None, "auto")
+    fitting = fit_job(job, int(fit_memory), precision_adjustable=precision_auto, strategy_adjustable=strategy_auto)
+    return fitting.lines(source, dry=True)

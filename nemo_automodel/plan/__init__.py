@@ -6,7 +6,8 @@
     # a recipe graph: nemo_automodel.launch.plan_recipe.plan_recipe(recipe, gpus=8, gpu_memory="80GiB")
     # the command line: nemo automodel plan <recipe | model id | folder> --gpus 8 --gpu-memory 80GiB --seq 4096
 
-It works from the Hugging Face config alone. The accounting, per device, at the moment of the peak:
+``Trainer(fit_memory="80GiB" | "auto")`` applies the cheapest changes that fit a budget to the job before any weight
+loads (``fit.py``). It works from the Hugging Face config alone. The accounting, per device, at the moment of the peak:
 
 - **The step is rehearsed on the meta device** (``rehearsal.py``): the model is built on meta
   (``meta_model.py``; no weight is read), gets activation checkpointing and the PEFT method the way

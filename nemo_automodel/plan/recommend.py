@@ -10,23 +10,32 @@ import torch
 from nemo_automodel.errors import ConfigError
 from nemo_automodel.plan.accounting import GRADIENTS, OPTIMIZER, WEIGHTS, MemoryEstimate, estimate
 from nemo_automodel.plan.job import TrainingJob
-from nemo_automodel.plan.units import gib
+from nemo_automodel.plan.units import GIB, gib, human
+from nemo_automodel.trainer.precision import cpu_bf16_flags
 
 MAX_DEVICES = 4096
 
 
 @dataclass(frozen=True)
 class Change:
-    """One setting to change: the recipe override, what it does, and the job it gives."""
+    """One setting to change: the recipe override, what it does, and the job it gives. ``keep``: it costs no
+    throughput (bf16 where the device computes it natively), so once chosen it is never dropped."""
 
     override: str
     why: str
     apply: Callable[[TrainingJob], TrainingJob]
+    keep: bool = False
 
 
 def _micro_batch(m: int) -> Callable[[TrainingJob], TrainingJob]:
-    """The job with micro-batches of ``m`` rows and the same global batch (more accumulation)."""
+    """The job with micro-batches of ``m`` rows (a divisor of the current size) and the same global batch."""
     return lambda j: j.replace(micro_batch_size=m, accumulate=j.accumulate * (j.micro_batch_size // m))
+
+
+def native_bf16(job: TrainingJob) -> bool:
+    """Whether the job's device computes bf16 natively: a planned GPU does (every training GPU since Ampere); a
+    CPU when it has ``avx512_bf16``/``amx_bf16`` (elsewhere bf16 is emulated, far slower than fp32)."""
+    return job.device == "cuda" or bool(cpu_bf16_flags())
 
 
 def _ladder(job: TrainingJob) -> list[Change | list[Change]]:
@@ -35,19 +44,18 @@ def _ladder(job: TrainingJob) -> list[Change | list[Change]]:
     if not job.chunked_loss:
         steps.append(Change("model.chunked_loss=True", "never materialize the [tokens, vocab] logits",
                             lambda j: j.replace(chunked_loss=True)))
-    if job.peft is not None and job.weight_dtype == torch.float32 and not job.quantization:
-        steps.append(Change("trainer.precision=bf16-true", "bf16 frozen base; adapters and their AdamW state fp32",
-                            lambda j: j.replace(precision="bf16-true")))
-    elif job.peft is None and job.precision == "32" and job.weight_dtype == torch.float32:
-        steps.append(Change("trainer.precision=bf16-mixed", "bf16 activations over fp32 weights",
-                            lambda j: j.replace(precision="bf16-mixed")))
+    native = native_bf16(job)  # bf16 is then faster than fp32 too: a change that is kept once chosen
+    if native and job.peft is not None and job.weight_dtype == torch.float32 and not job.quantization:
+        steps.append(Change("trainer.precision=bf16-true", "bf16 frozen base (faster); adapters and their AdamW "
+                            "state fp32", lambda j: j.replace(precision="bf16-true"), keep=True))
+    elif native and job.peft is None and job.precision == "32" and job.weight_dtype == torch.float32:
+        steps.append(Change("trainer.precision=bf16-mixed", "bf16 activations over fp32 weights (faster)",
+                            lambda j: j.replace(precision="bf16-mixed"), keep=True))
     if job.devices > 1 and job.effective_strategy != "fsdp2" and not job.quantization:
-        steps.append(Change("trainer.strategy=fsdp2", f"shard weights, gradients and optimizer state over "
-                            f"{job.devices} GPUs", lambda j: j.replace(strategy="fsdp2")))
-    sizes, mbs = [], job.micro_batch_size
-    while mbs > 1:
-        mbs //= 2
-        sizes.append(mbs)
+        where = f"{job.devices} {'GPUs' if job.device == 'cuda' else 'processes'}"
+        steps.append(Change("trainer.strategy=fsdp2", f"shard weights, gradients and optimizer state over {where}",
+                            lambda j: j.replace(strategy="fsdp2")))
+    sizes = [m for m in range(job.micro_batch_size - 1, 0, -1) if job.micro_batch_size % m == 0]  # same global batch
     if sizes:
         steps.append([Change(f"data.micro_batch_size={m}", f"{job.micro_batch_size // m}x more gradient accumulation "
                              "(same global batch)", _micro_batch(m))
@@ -86,31 +94,47 @@ def fits(est: MemoryEstimate, budget: float) -> bool:
     return est.total <= budget
 
 
-def recommend(job: TrainingJob, budget: float) -> Advice:
-    """The cheapest settings (fewest, earliest in `_ladder`'s order) under which ``job`` fits ``budget``
-    bytes per device."""
-    chosen: list[Change] = []
+def recommend(job: TrainingJob, budget: float, allowed: Callable[[TrainingJob], bool] | None = None) -> Advice:
+    """The cheapest settings under which ``job`` fits ``budget`` bytes per device: the shortest prefix of
+    `_ladder` (cheapest first) that fits, less the changes it then does not need (the costliest dropped first;
+    a ``keep`` change stays), each alternatives step at its largest option that still fits. ``allowed``: only
+    changes giving a job it accepts are tried (`nemo_automodel.plan.fit` leaves out what must be asked for)."""
+    steps = [[o for o in (s if isinstance(s, list) else [s]) if allowed is None or allowed(o.apply(job))]
+             for s in _ladder(job)]
+    chosen: list[tuple[list[Change], int]] = []  # (the step's options, the one chosen)
     result = None
-    for step in _ladder(job):
-        options = step if isinstance(step, list) else [step]
-        for option in options:
-            candidate = estimate(_apply(job, [*chosen, option]))
+    for options in (s for s in steps if s):
+        for i, option in enumerate(options):
+            candidate = estimate(_apply(job, [*_changes(chosen), option]))
             if fits(candidate, budget):
-                chosen.append(option)
+                chosen.append((options, i))
                 result = candidate
                 break
         else:
-            chosen.append(options[-1])
+            chosen.append((options, len(options) - 1))
             continue
         break
     if result is None:
-        return Advice(tuple(chosen), None, _why_not(_apply(job, chosen), budget))
-    for change in list(chosen[:-1]):  # drop earlier changes that the later ones make unnecessary
-        rest = [c for c in chosen if c is not change]
-        candidate = estimate(_apply(job, rest))
-        if fits(candidate, budget):
-            chosen, result = rest, candidate
-    return Advice(tuple(chosen), result)
+        return Advice(tuple(_changes(chosen)), None, _why_not(_apply(job, _changes(chosen)), budget))
+    for k in range(len(chosen) - 2, -1, -1):  # the last change is the one that made it fit
+        options, i = chosen[k]
+        rest = chosen[:k] + chosen[k + 1:]
+        if _apply(job, _changes(rest)) == _apply(job, _changes(chosen)):  # superseded (bf16-mixed by bf16-true)
+            chosen = rest
+            continue
+        if options[i].keep:
+            continue
+        larger = [chosen[:k] + [(options, j)] + chosen[k + 1:] for j in range(i)]
+        for trial in [rest, *larger]:  # dropped, else a larger alternative (the largest that fits)
+            candidate = estimate(_apply(job, _changes(trial)))
+            if fits(candidate, budget):
+                chosen, result = trial, candidate
+                break
+    return Advice(tuple(_changes(chosen)), result)
+
+
+def _changes(chosen: list[tuple[list[Change], int]]) -> list[Change]:
+    return [options[i] for options, i in chosen]
 
 
 def min_devices(job: TrainingJob, budget: float) -> int | None:
@@ -134,6 +158,10 @@ def min_devices(job: TrainingJob, budget: float) -> int | None:
     return hi * group
 
 
+def _size(n_bytes: float) -> str:
+    return f"{gib(n_bytes):.1f} GiB" if n_bytes >= GIB else human(n_bytes)
+
+
 def _why_not(job: TrainingJob, budget: float) -> str:
     """Why ``job`` (already with every change) does not fit: the largest part, and how many GPUs would do."""
     try:
@@ -143,14 +171,15 @@ def _why_not(job: TrainingJob, budget: float) -> str:
     states = est.components[WEIGHTS] + est.components[GRADIENTS] + est.components[OPTIMIZER]
     dtype = "4-bit base's" if job.quantization else \
         str(job.weight_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
-    what = (f"the {dtype} weights alone are {gib(est.components[WEIGHTS]):.1f} GiB"
+    what = (f"the {dtype} weights alone are {_size(est.components[WEIGHTS])}"
             if est.components[WEIGHTS] > budget else
-            f"weights, gradients and optimizer state are {gib(states):.1f} GiB" if states > budget else
-            f"the smallest setting needs {gib(est.total):.1f} GiB")
+            f"weights, gradients and optimizer state are {_size(states)}" if states > budget else
+            f"the smallest setting needs {_size(est.total)}")
     need = min_devices(job.replace(quantization=None), budget)  # FSDP2 shards no 4-bit base
-    hint = (f"use >= {need} GPUs with FSDP2 (trainer.devices={need} trainer.strategy=fsdp2"
-            f"{', no quantization' if job.quantization else ''})" if need else
-            f"not even {MAX_DEVICES} GPUs with FSDP2 are enough")
+    unit = "GPU" if job.device == "cuda" else "process"
+    hint = (f"use >= {need} {unit}{'es' if unit == 'process' else 's'} with FSDP2 (trainer.devices={need} "
+            f"trainer.strategy=fsdp2{', no quantization' if job.quantization else ''})" if need else
+            f"not even {MAX_DEVICES} {unit}{'es' if unit == 'process' else 's'} with FSDP2 are enough")
     if job.peft is None:
         hint += " or LoRA/QLoRA (peft=lora model.quantization=nf4)"
-    return f"{what} > {gib(budget):.1f} GiB per GPU even with all of these: {hint}"
+    return f"{what} > {_size(budget)} per {unit} even with all of these: {hint}"

@@ -31,3 +31,8 @@ def parse_memory(text: str | int | float, field: str = "--gpu-memory") -> int:
 def gib(n_bytes: float) -> float:
     """Bytes in GiB."""
     return n_bytes / GIB
+
+
+def human(n_bytes: float) -> str:
+    """Bytes as ``"1.50 GiB"``, or ``"412.5 MiB"`` below a GiB."""
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / (1 << 20):.1f} MiB"

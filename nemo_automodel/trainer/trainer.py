@@ -99,6 +99,11 @@ class Trainer:
     ``on_train_start(trainer, module)``, ``on_train_step_end(trainer, step, metrics)`` and
     ``on_train_end(trainer)``. ``trainer.model`` is the model being fitted, from ``fit`` on.
 
+    ``fit_memory``: None (off), ``"auto"`` (the device's free memory) or a size (``"80GiB"``, ``"512MiB"``): before
+    any weight loads, the memory planner's cheapest changes that fit it are applied to the job and printed, one line
+    each (chunked loss, bf16 under ``precision="auto"``, FSDP2, smaller micro-batches with the same global batch,
+    activation checkpointing); when nothing it may change fits, one line names what would (``plan/fit.py``).
+
     Lightning arguments this loop has no use for: ``num_sanity_val_steps`` other than 0 and
     ``use_distributed_sampler`` (the data module always splits batches over the data-parallel ranks with its
     own resumable sampler) warn once; ``logger`` is refused (trackers go on ``NeMoLogger(wandb=, mlflow=)``).
@@ -122,7 +127,7 @@ class Trainer:
                  log_every_n_steps: int = 10, callbacks: list[Any] | None = None, seed: int = 1234,
                  enable_progress_bar: bool = True, enable_checkpointing: bool = True,
                  num_sanity_val_steps: int = 0, use_distributed_sampler: bool | None = None, logger: Any = None,
-                 collective_timeout: float = 600.0) -> None:
+                 collective_timeout: float = 600.0, fit_memory: str | None = None) -> None:
         if str(precision) not in PRECISIONS and str(precision) != AUTO:
             raise bad_value("precision", precision, f"use 'auto' or one of {sorted(PRECISIONS)}")
         if accelerator not in ("auto", "cpu", "gpu", "cuda"):
@@ -136,6 +141,11 @@ class Trainer:
         if not isinstance(collective_timeout, (int, float)) or collective_timeout <= 0:
             raise bad_value("collective_timeout", collective_timeout, "use a number of seconds > 0")
         self.collective_timeout = float(collective_timeout)
+        if fit_memory is not None:
+            from nemo_automodel.plan.fit import parse_fit_memory
+
+            parse_fit_memory(fit_memory)  # one line now, not after the processes start
+        self.fit_memory = fit_memory
         self.devices, self.num_nodes, self.accelerator = devices, num_nodes, accelerator
         self._strategy_arg = strategy
         self.strategy: Strategy = resolve_strategy(strategy)  # validated now; None/'auto' is re-decided in fit
@@ -163,6 +173,8 @@ class Trainer:
         torch.manual_seed(self.seed)
         if self._precision_arg == AUTO:
             self._choose_precision(peft is not None)
+        if self.fit_memory is not None:
+            self._fit_memory(model, data, peft)
         model.configure_model(self.strategy.device, dtype=self.weight_dtype)
         if peft is not None:
             model.apply_peft(peft)
@@ -191,6 +203,24 @@ class Trainer:
         self.autocast_dtype, self.weight_dtype = PRECISIONS[self.precision]
         if self.strategy.rank == 0:
             print(f"precision auto -> {self.precision} ({reason})", flush=True)
+
+    def _fit_memory(self, model: TrainableModel, data: DataModule, peft: PeftMethod | None) -> None:
+        """``fit_memory``: the planner's cheapest changes under the budget, on the set-up strategy and before any
+        weight loads (``plan/fit.py`` changes the model and data, and prints each change)."""
+        from nemo_automodel.plan.fit import fit_to_budget, parse_fit_memory
+
+        budget = parse_fit_memory(self.fit_memory)
+        assert budget is not None  # _setup asks only when fit_memory is set
+        fitted = fit_to_budget(budget, model, data, peft, self.strategy,
+                               precision=self.precision, precision_auto=self._precision_arg == AUTO,
+                               strategy_auto=self._strategy_arg in (None, "auto"),
+                               accumulate=self.accumulate_grad_batches)
+        self.precision = fitted.precision
+        self.autocast_dtype, self.weight_dtype = PRECISIONS[self.precision]
+        self.accumulate_grad_batches = fitted.accumulate
+        if fitted.strategy is not None:  # the process group is up: the new strategy only joins it
+            self.strategy = resolve_strategy(fitted.strategy)
+            self.strategy.setup(self.accelerator, self.collective_timeout)
 
     def _accumulation(self, data: DataModule) -> int:
         from_data = data.accumulate_grad_batches
