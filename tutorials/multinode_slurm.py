@@ -134,7 +134,8 @@ print(states)
 # ## 5. Read the logs
 #
 # Everything about the job is in its folder, `exp.job_dir("multinode")`:
-# - `log-<job name>_<slurm id>_<restart>.out`: the training output; torchrun prefixes each
+# - `log-<job name>_<slurm id>_<restart>.out` (one node) or `..._<restart>_node<i>.out` (one per node of a
+#   multi-node job; `exp.logs(...)` shows them all): the training output; torchrun prefixes each
 #   line with its rank (`[default0]:`, `[default1]:`), so all ranks of a node are in one file;
 # - `sbatch_<job name>_<slurm id>.out`: the batch script's own output (setup, `srun` errors);
 # - `configs/`: the serialized graph and executor that ran.

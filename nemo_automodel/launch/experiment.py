@@ -45,6 +45,7 @@ from nemo_automodel.launch.tracker_params import with_tracker_params
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DONE = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
+NODE_LOG = re.compile(r"^(.+)_node\d+\.(out|err)$")  # one node's log of one attempt; group 1: the attempt
 LOG_GLOBS = ("**/combined.log", "**/log-*.out", "**/log_*.out", "**/*.log", "**/*.out", "**/*.err")
 
 
@@ -69,7 +70,8 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def log_tail(job_dir: str | Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of the newest log file under a task's ``job_dir``."""
+    """The last ``lines`` lines of the newest log file under a task's ``job_dir``; of a multi-node Slurm job,
+    of every node's file of the newest attempt (``…_node<i>.out``, `executors.slurm.PerNodeLogs`)."""
     files: list[Path] = []
     for pattern in LOG_GLOBS:
         files += [p for p in Path(job_dir).glob(pattern) if p.is_file() and "configs" not in p.parts]
@@ -78,8 +80,10 @@ def log_tail(job_dir: str | Path, lines: int = 40) -> str:
     if not files:
         return f"(no log files under {job_dir})"
     newest = max(files, key=lambda p: p.stat().st_mtime)
-    text = newest.read_text(errors="replace").splitlines()[-lines:]
-    return f"[{newest}]\n" + "\n".join(text)
+    attempt = NODE_LOG.match(newest.name)
+    shown = [newest] if attempt is None else sorted(
+        p for p in files if p.parent == newest.parent and (m := NODE_LOG.match(p.name)) and m[1] == attempt[1])
+    return "\n".join(f"[{p}]\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in shown)
 
 
 def run_dir_of(task: run.Partial) -> Path | None:
@@ -232,7 +236,7 @@ class Experiment:
         return Path(job.executor.job_dir)
 
     def logs(self, name: str, lines: int | None = None) -> str:
-        """The last lines of ``name``'s log (rank output included)."""
+        """The last lines of ``name``'s log (rank output included; every node's, for a multi-node Slurm job)."""
         return log_tail(self.job_dir(name), lines or self.log_tail_lines)
 
     def cancel(self, name: str | None = None, known_within: float = 60.0) -> None:

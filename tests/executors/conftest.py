@@ -1,8 +1,8 @@
 """Engines for executor tests: the local Slurm cluster and dockerd (started by .ci/*-up.sh), and CLI helpers.
 
 The session fixtures start a daemon that is installed but not running (the scripts are idempotent
-and take seconds when the engine is up); when the engine is not installed they skip with the
-command that installs it, or fail under .ci/run (NEMO_AUTOMODEL_STRICT=1).
+and take seconds when the engine is up); when the engine is not installed, or (Slurm) not up and this user is
+not root, they skip with one line saying so and what to run, or fail under .ci/run (NEMO_AUTOMODEL_STRICT=1).
 """
 
 from __future__ import annotations
@@ -24,17 +24,32 @@ from tests.parallel import shared_build
 ROOT = Path(__file__).resolve().parents[2]
 CI_DIR = Path(os.environ.get("NEMO_AUTOMODEL_CI_DIR", "/var/tmp/nemo-automodel-ci"))
 SLURM_CONF = Path(os.environ.get("NEMO_AUTOMODEL_SLURM_DIR", CI_DIR / "slurm")) / "slurm.conf"
+CANNOT = 77  # a .ci/*-up.sh exit status: this user cannot start the engine (its last line says why)
 DOCKER_HOST = "unix://" + str(Path(os.environ.get("NEMO_AUTOMODEL_DOCKER_DIR", CI_DIR / "docker")) / "docker.sock")
+
+
+def engine_unavailable(script: str, proc: subprocess.CompletedProcess) -> str | None:
+    """Why the engine is not there after ``.ci/<script>`` ran (None: it is up). A script exits `CANNOT` with one
+    line saying why this user cannot start it (.ci/slurm-up.sh without root); any other failure gives its tail."""
+    if proc.returncode == 0:
+        return None
+    lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+    if proc.returncode == CANNOT:
+        return lines[-1].partition("] ")[2] or lines[-1]  # without the script's "[slurm-up] " prefix
+    return f".ci/{script} could not start the engine: {' | '.join(lines)[-500:]}"
 
 
 def _engine_up(script: str, binaries: tuple[str, ...], env: dict[str, str]) -> None:
     missing = [b for b in binaries if shutil.which(b) is None]
-    if missing:
-        unavailable(f"{', '.join(missing)} not installed: run .ci/{script} (apt-get installs it; needs root)")
+    if missing and os.geteuid() == 0:
+        unavailable(f"{', '.join(missing)} not installed: run `make engines` (.ci/{script} installs them)")
+    if missing and script != "slurm-up.sh":  # the Slurm script itself says what a user other than root can do
+        unavailable(f"{', '.join(missing)} not installed: run `make engines` (.ci/{script}) as root")
     proc = subprocess.run([str(ROOT / ".ci" / script)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
-    if proc.returncode != 0:
-        unavailable(f".ci/{script} could not start the engine: {proc.stderr.strip()[-500:]}")
+    reason = engine_unavailable(script, proc)
+    if reason:
+        unavailable(reason)
 
 
 @pytest.fixture(scope="session")

@@ -22,3 +22,18 @@ def fail(message: str) -> None:
 def sleep(seconds: float) -> None:
     print(f"sleeping {seconds}s", flush=True)
     time.sleep(seconds)
+
+
+class StepJournal:
+    """A trainer callback: after every step each rank appends ``{"pid", "node", "rank", "step", "loss"}`` to
+    ``path`` (one short line per append): which process reached which step, across elastic restarts and
+    requeues. ``loss`` is the step's logged ``train_loss`` (the same on every rank)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_step_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+        row = {"pid": os.getpid(), "node": os.environ.get("SLURMD_NODENAME"), "rank": int(os.environ.get("RANK", "0")),
+               "step": step, "loss": metrics.get("train_loss")}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -90,3 +90,44 @@ def test_slurm_nodes_override_from_the_cli():
                          ["nodes=2", "gpus_per_node=4", "partition=batch"])
     ex = fdl.build(cfg)
     assert (ex.nodes, ex.ntasks_per_node, ex.partition, ex.launcher) == (2, 4, "batch", "torchrun")
+
+
+def test_max_restarts_reaches_torchrun_through_its_environment():
+    local = executors.local(ntasks_per_node=2, max_restarts=3)
+    assert local.env_vars["PET_MAX_RESTARTS"] == "3" and local.env_vars["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert executors.local(max_restarts=1).launcher == "torchrun"  # 'auto': only torchrun restarts workers
+    assert "PET_MAX_RESTARTS" not in executors.local(ntasks_per_node=2).env_vars
+    slurm = executors.slurm(nodes=2, max_restarts=2)
+    assert slurm.env_vars["PET_MAX_RESTARTS"] == "2" and slurm.launcher == "torchrun"
+    assert executors.docker(ntasks_per_node=2, max_restarts=1).env_vars["PET_MAX_RESTARTS"] == "1"
+    for factory in (executors.local, executors.slurm, executors.docker):
+        with pytest.raises(ConfigError, match=r"^max_restarts=1 restarts torchrun's workers, but launcher=None"):
+            factory(launcher=None, max_restarts=1)
+        with pytest.raises(ConfigError, match=r"^max_restarts=-1 is invalid"):
+            factory(max_restarts=-1)
+
+
+def test_a_multi_node_slurm_job_logs_one_file_per_node(tmp_path):
+    from executors.slurm import PerNodeLogs
+
+    two, one = executors.slurm(nodes=2), executors.slurm()
+    assert isinstance(two.job_details, PerNodeLogs) and not isinstance(one.job_details, PerNodeLogs)
+    two.job_details.folder, two.job_details.job_name = str(tmp_path), "job"
+    assert two.job_details.srun_stdout.name == "log-job_%j_${SLURM_RESTART_COUNT:-0}_node%n.out"  # srun's %n
+
+
+def test_without_root_the_slurm_script_says_why_in_one_line(tmp_path):
+    """.ci/slurm-up.sh run by another user than root, with no cluster up: exit 77 and one line, which the Slurm
+    tests' fixture skips with (tests/executors/conftest.py)."""
+    import subprocess
+
+    from tests.executors.conftest import CANNOT, ROOT, engine_unavailable
+
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    proc = subprocess.run([*as_user, "bash", str(ROOT / ".ci" / "slurm-up.sh")], capture_output=True, text=True,
+                          timeout=60, env={"PATH": os.environ["PATH"], "NEMO_AUTOMODEL_SLURM_DIR": str(tmp_path)})
+    assert proc.returncode == CANNOT, proc.stderr
+    reason = engine_unavailable("slurm-up.sh", proc)
+    assert reason == (f"not root (uid {65534 if as_user else os.geteuid()}): the local Slurm cluster is not up in "
+                      f"{tmp_path} and only root can install and start it: "
+                      "run `make engines` (.ci/slurm-up.sh) as root")
