@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,demo,qlora,trackers]'
 	$(PY) -m pip install -q --no-deps $(DEMO_WHEELS)
+	# llama.cpp's GGUF converter (convert_hf_to_gguf.py + gguf-py from the llama-cpp-python sdist, no build), fetched
+	# once into the cache so GGUF exports and their tests run offline (nemo_automodel/export/gguf.py)
+	$(PY) -c "from nemo_automodel.export.gguf import converter_dir; converter_dir()"
 	touch $@
 
 demo: $(STAMP)  ## LoRA-fine-tune SmolLM2-135M-Instruct on real chat data, offline, on CPU
@@ -110,7 +113,8 @@ serve: $(STAMP) $(VLLM_STAMP)  ## serve an export with vLLM's OpenAI API: make s
 	$(PY) -m nemo_automodel.export serve $(EXPORT) --port $(PORT)
 
 # llama.cpp (llama-cpp-python, built from source: ~15 CPU-minutes once, then pip's wheel cache) in a venv of
-# its own; the GGUFs and the transformers references are made in .venv, only llama.cpp runs there.
+# its own; the GGUFs (llama.cpp's own converter from the same sdist, run in .venv) and the transformers
+# references are made in .venv, only llama.cpp runs there. Keep the pin equal to export/gguf.py LLAMA_CPP_PYTHON.
 LLAMACPP_VENV ?= .venv-llamacpp
 LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
 .PHONY: gguf-llamacpp

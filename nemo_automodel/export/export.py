@@ -145,7 +145,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
             manifest.update(model=base, adapter="adapter", max_lora_rank=info.max_lora_rank,
                             lora_name=lora_name or out.name, lora_modules=list(info.modules))
     if format == "gguf":
-        _refuse_vision_language(manifest["base_model"] if peft else src)
+        _check_gguf_source(manifest["base_model"] if peft else src)
     tmp = _prepare_out(out)
     try:
         if format == "gguf":
@@ -168,14 +168,18 @@ def export(checkpoint: str | Path, out_dir: str | Path, mode: Literal["merged", 
     return out
 
 
-def _refuse_vision_language(model: str | Path) -> None:
-    """GGUF holds a text model only (llama.cpp reads a vision tower from a separate mmproj file)."""
+def _check_gguf_source(model: str | Path) -> None:
+    """Refuse, before any merge, what the GGUF export cannot write: a vision-language model (GGUF holds a text
+    model only; llama.cpp reads a vision tower from a separate mmproj file) or an architecture llama.cpp's
+    converter does not know."""
+    from nemo_automodel.export.gguf import check_architecture
     from nemo_automodel.models.hf_loading import load_config, loadable_as
 
     config = load_config(str(model))
     if "image_text_to_text" in loadable_as(config):
         raise ConfigError(f"format='gguf': {str(model)!r} is a vision-language model ({type(config).__name__}) and "
                           "GGUF export of vision-language models is not supported; export format='hf' for vLLM")
+    check_architecture(config.to_dict(), model)
 
 
 def _merge(adapter_dir: Path, out: Path, base: str) -> None:

@@ -3,14 +3,15 @@ inside the llama.cpp venv (stdlib + numpy + llama-cpp-python only).
 
 Usage: ``python llamacpp_runner.py IN.json OUT.json``. ``IN.json``::
 
-    {"gguf": path, "n_ctx": 512, "prompts": [[token ids], ...], "max_tokens": 16,
+    {"gguf": path, "n_ctx": 512, "prompts": [[token ids], ...], "max_tokens": 16, "ignore_eos": false,
      "texts": ["text to tokenize", ...], "chats": [[{"role", "content"}, ...], ...]}
 
 ``OUT.json``: ``{"greedy": [{"tokens": [...], "logits": [first step's logits]}, ...],
 "tokenized": [[ids], ...]`` (special tokens parsed, bos as the GGUF says), ``"chat_format"`` (what
 ``create_chat_completion`` would use), ``"chat_template"`` (the GGUF's), ``"rendered": [prompt text
 per chat]`` (llama-cpp-python's Jinja2ChatFormatter on that template), ``"eos", "bos"``}.
-Greedy is argmax over llama.cpp's logits, stopping after ``max_tokens`` or at the eos token.
+Greedy is argmax over llama.cpp's logits, stopping after ``max_tokens`` or at the eos token (unless
+``ignore_eos``: then exactly ``max_tokens``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         for _ in range(job.get("max_tokens", 16)):
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             tokens.append(token)
-            if token == eos:
+            if token == eos and not job.get("ignore_eos"):
                 break
             llm.eval([token])
         greedy.append({"tokens": tokens, "logits": first})
