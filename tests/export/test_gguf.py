@@ -76,7 +76,8 @@ def _tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Llama (SmolLM2's layout and tokenizer) reloads weight for weight in test_lora_run_exports_to_gguf_equal_to_the_merged_model
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
 def test_family_converts_and_reloads_in_transformers(family, converted):
     src, path = converted(family)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left over
