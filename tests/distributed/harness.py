@@ -72,6 +72,19 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+def worker_process(proc: subprocess.Popen, rank: int):
+    """The ``worker.py`` process of ``rank`` among the launch's descendants (a ``psutil.Process``)."""
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "worker.py" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no rank {rank} among the launch's processes")
+
+
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
     """Signal ``proc`` and every descendant. torchrun starts its workers in sessions of their own, so
     signalling the process group alone leaves them running (the run then finishes by itself)."""

@@ -8,25 +8,14 @@ import random
 import signal
 import subprocess
 
-import psutil
 import pytest
 import torch
-from harness import ROOT, command, env, losses, max_diff, meta, wait_for_step, write_spec
+from harness import ROOT, command, env, losses, max_diff, meta, wait_for_step, worker_process, write_spec
 
 import executors
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 SEED = 7
-
-
-def _worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "worker.py" in " ".join(child.cmdline()):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"no rank {rank} among the launch's processes")
 
 
 def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_bitwise(config, fsdp2, tmp_path):
@@ -44,7 +33,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_bitwise(config, f
                                 env={**env(), **elastic}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             seen = wait_for_step(proc, run_dir, target)
-            victim = _worker(proc, rank)
+            victim = worker_process(proc, rank)
             victim.send_signal(signal.SIGKILL)
             code = proc.wait(timeout=300)
         finally:

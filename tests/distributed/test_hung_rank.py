@@ -6,22 +6,11 @@ from __future__ import annotations
 import signal
 import time
 
-import psutil
 import pytest
-from harness import kill_tree, start, wait_for_step
+from harness import kill_tree, start, wait_for_step, worker_process
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 TIMEOUT = 5  # seconds: the trainer's collective timeout for this run
-
-
-def _rank(proc, rank: int) -> psutil.Process:
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "worker.py" in " ".join(child.cmdline()):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"no rank {rank} among the launch's processes")
 
 
 def test_a_stopped_rank_fails_the_job_within_the_collective_timeout(small_model, token_data, tmp_path):
@@ -32,7 +21,7 @@ def test_a_stopped_rank_fails_the_job_within_the_collective_timeout(small_model,
     hung = None
     try:
         wait_for_step(proc, tmp_path / "runs" / "hung", 2)
-        hung = _rank(proc, 1)
+        hung = worker_process(proc, 1)
         hung.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         # without the timeout rank 0 would wait 30 min (gloo's default) for the stopped peer
